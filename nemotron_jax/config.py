@@ -1,0 +1,231 @@
+"""The one config schema: names, defaults and validation for every preset.
+
+A preset in `configs/` is a Python file whose `get_config()` starts from
+`default_config()`, overrides fields, and returns the `ConfigDict`. Only the
+fields defined here exist; `validate` checks values and combinations and raises
+`ConfigError` naming the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import ml_collections
+from ml_collections import config_dict
+
+MIXER_CHARS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+DTYPES = ("float32", "bfloat16", "float16")
+SSD_IMPLS = ("xla", "pallas", "sequential")
+MOE_IMPLS = ("ragged", "dense")
+POS_EMBS = ("none", "rope")
+
+
+class ConfigError(ValueError):
+  """An invalid config value or combination of values."""
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """Defaults of the model schema: a small hybrid with every mixer type."""
+  c = ml_collections.ConfigDict()
+  c.pattern = "M*M-ME"
+  c.d_model = 128
+  c.vocab_size = 256
+  c.norm_eps = 1e-5
+  c.init_std = 0.02
+  c.param_dtype = "float32"
+  c.compute_dtype = "float32"
+
+  c.mamba = ml_collections.ConfigDict()
+  c.mamba.num_heads = 8
+  c.mamba.head_dim = 32
+  c.mamba.d_state = 32
+  c.mamba.n_groups = 2
+  c.mamba.conv_kernel = 4
+  c.mamba.chunk_size = 64
+  c.mamba.dt_min = 1e-3
+  c.mamba.dt_max = 0.1
+  c.mamba.dt_init_floor = 1e-4
+  # Bounds applied to dt after the softplus; transformers' nemotron_h uses
+  # (time_step_min, inf), which `hf.load_checkpoint` sets.
+  c.mamba.dt_limit = (0.0, float("inf"))
+  c.mamba.A_init_range = (1.0, 16.0)
+  c.mamba.ssd_impl = "xla"
+
+  c.attention = ml_collections.ConfigDict()
+  c.attention.num_heads = 4
+  c.attention.num_kv_heads = 2
+  c.attention.head_dim = 32
+  c.attention.pos_emb = "none"
+  c.attention.rope_theta = 10000.0
+  c.attention.sliding_window = 0  # 0: global attention.
+
+  c.mlp = ml_collections.ConfigDict()
+  c.mlp.d_ff = 512
+
+  c.moe = ml_collections.ConfigDict()
+  c.moe.num_experts = 8
+  c.moe.top_k = 2
+  c.moe.d_ff = 128
+  c.moe.shared_d_ff = 256
+  c.moe.routed_scaling = 1.0
+  c.moe.n_group = 1
+  c.moe.topk_group = 1
+  c.moe.norm_topk_prob = True
+  c.moe.latent_size = config_dict.placeholder(int)  # None: standard MoE.
+  c.moe.bias_update_rate = 1e-3
+  c.moe.balance_loss_coef = 1e-4
+  c.moe.impl = "ragged"
+  return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The full schema: model plus the sections the training tools read."""
+  c = ml_collections.ConfigDict()
+  c.model = model_config()
+  c.seed = 0
+  return c
+
+
+def _fail(field: str, value, valid: str):
+  raise ConfigError(f"config field '{field}' = {value!r} is invalid: {valid}")
+
+
+def _positive_int(cfg, prefix: str, *names: str):
+  for name in names:
+    value = cfg[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      _fail(f"{prefix}{name}", value, "expected a positive integer")
+
+
+def _choice(cfg, prefix: str, name: str, choices):
+  if cfg[name] not in choices:
+    _fail(f"{prefix}{name}", cfg[name], f"expected one of {list(choices)}")
+
+
+def _range(field: str, value, lo_min: float = -math.inf):
+  if (not isinstance(value, (tuple, list)) or len(value) != 2
+      or not all(isinstance(v, (int, float)) for v in value)
+      or not lo_min <= value[0] <= value[1]):
+    _fail(field, value, f"expected a pair (low, high) with {lo_min} <= low <= high")
+
+
+def validate_model(m: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for any invalid model value or combination."""
+  p = "model."
+  pattern = m.pattern
+  if not isinstance(pattern, str) or not pattern:
+    _fail(p + "pattern", pattern, f"expected a non-empty string of {sorted(MIXER_CHARS)}")
+  bad = sorted({ch for ch in pattern if ch not in MIXER_CHARS})
+  if bad:
+    _fail(p + "pattern", pattern,
+          f"unknown layer character(s) {bad}; valid characters are "
+          + ", ".join(f"'{k}' ({v})" for k, v in MIXER_CHARS.items()))
+  _positive_int(m, p, "d_model", "vocab_size")
+  for name in ("norm_eps", "init_std"):
+    if not isinstance(m[name], (int, float)) or m[name] <= 0:
+      _fail(p + name, m[name], "expected a positive number")
+  _choice(m, p, "param_dtype", DTYPES)
+  _choice(m, p, "compute_dtype", DTYPES)
+
+  if "M" in pattern:
+    a = m.mamba
+    q = p + "mamba."
+    _positive_int(a, q, "num_heads", "head_dim", "d_state", "n_groups", "conv_kernel", "chunk_size")
+    if a.num_heads % a.n_groups:
+      _fail(q + "n_groups", a.n_groups,
+            f"mamba.num_heads ({a.num_heads}) must be divisible by n_groups")
+    if not 0 < a.dt_min <= a.dt_max:
+      _fail(q + "dt_min", a.dt_min, f"expected 0 < dt_min <= dt_max ({a.dt_max})")
+    if a.dt_init_floor < 0:
+      _fail(q + "dt_init_floor", a.dt_init_floor, "expected a non-negative number")
+    _range(q + "dt_limit", a.dt_limit, lo_min=0.0)
+    _range(q + "A_init_range", a.A_init_range, lo_min=0.0)
+    if a.A_init_range[0] <= 0:
+      _fail(q + "A_init_range", a.A_init_range, "expected a low bound > 0 (A = -exp(A_log))")
+    _choice(a, q, "ssd_impl", SSD_IMPLS)
+
+  if "*" in pattern:
+    a = m.attention
+    q = p + "attention."
+    _positive_int(a, q, "num_heads", "num_kv_heads", "head_dim")
+    if a.num_heads % a.num_kv_heads:
+      _fail(q + "num_kv_heads", a.num_kv_heads,
+            f"attention.num_heads ({a.num_heads}) must be divisible by num_kv_heads")
+    _choice(a, q, "pos_emb", POS_EMBS)
+    if a.pos_emb == "rope":
+      if a.head_dim % 2:
+        _fail(q + "head_dim", a.head_dim, "RoPE needs an even head_dim")
+      if a.rope_theta <= 0:
+        _fail(q + "rope_theta", a.rope_theta, "expected a positive number")
+    if not isinstance(a.sliding_window, int) or a.sliding_window < 0:
+      _fail(q + "sliding_window", a.sliding_window, "expected 0 (global) or a positive window")
+
+  if "-" in pattern:
+    _positive_int(m.mlp, p + "mlp.", "d_ff")
+
+  if "E" in pattern:
+    e = m.moe
+    q = p + "moe."
+    _positive_int(e, q, "num_experts", "top_k", "d_ff", "n_group", "topk_group")
+    if not isinstance(e.shared_d_ff, int) or e.shared_d_ff < 0:
+      _fail(q + "shared_d_ff", e.shared_d_ff, "expected 0 (no shared expert) or a positive width")
+    if e.top_k > e.num_experts:
+      _fail(q + "top_k", e.top_k, f"top_k must be <= moe.num_experts ({e.num_experts})")
+    if e.num_experts % e.n_group:
+      _fail(q + "n_group", e.n_group,
+            f"moe.num_experts ({e.num_experts}) must be divisible by n_group")
+    if e.topk_group > e.n_group:
+      _fail(q + "topk_group", e.topk_group, f"topk_group must be <= moe.n_group ({e.n_group})")
+    if e.n_group > 1:
+      per_group = e.num_experts // e.n_group
+      if per_group < 2:
+        _fail(q + "n_group", e.n_group,
+              "group-limited routing scores a group by its best 2 experts, so each group needs "
+              f">= 2 experts (num_experts={e.num_experts})")
+      if e.top_k > e.topk_group * per_group:
+        _fail(q + "top_k", e.top_k,
+              f"top_k must be <= topk_group * experts per group ({e.topk_group * per_group})")
+    if e.latent_size is not None:
+      _positive_int(e, q, "latent_size")
+    if e.routed_scaling <= 0:
+      _fail(q + "routed_scaling", e.routed_scaling, "expected a positive number")
+    for name in ("bias_update_rate", "balance_loss_coef"):
+      if e[name] < 0:
+        _fail(q + name, e[name], "expected a non-negative number")
+    _choice(e, q, "impl", MOE_IMPLS)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates a full config (with a `model` section) and returns it."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"expected an ml_collections.ConfigDict, got {type(config).__name__}")
+  if "model" not in config:
+    raise ConfigError("config has no 'model' section; start presets from "
+                      "nemotron_jax.config.default_config()")
+  validate_model(config.model)
+  return config
+
+
+def model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The model section of a full config, or the argument if it is one already."""
+  return config.model if "model" in config else config
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a preset file and validates it."""
+  if not os.path.isfile(path):
+    presets = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    names = sorted(f for f in os.listdir(presets) if f.endswith(".py")) if os.path.isdir(presets) else []
+    raise ConfigError(f"config file {path!r} does not exist; presets: {names}")
+  spec = importlib.util.spec_from_file_location("_nemotron_preset", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config()")
+  return validate(module.get_config())
+
+
+def num_layers(m: ml_collections.ConfigDict) -> int:
+  return len(m.pattern)
