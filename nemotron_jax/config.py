@@ -80,10 +80,27 @@ def model_config() -> ml_collections.ConfigDict:
   return c
 
 
+def data_config() -> ml_collections.ConfigDict:
+  """Defaults of the data schema: the embedded standard-library corpus, bytes."""
+  d = ml_collections.ConfigDict()
+  d.source = "stdlib"  # stdlib | text | tokens | mqar
+  d.path = config_dict.placeholder(str)  # file or folder for "text", token file for "tokens"
+  d.tokenizer = "bytes"  # "bytes" or the path of a tokenizer.json
+  d.token_dtype = "uint16"  # element type of a "tokens" file: uint16 | uint32
+  d.seq_len = 256
+  d.heldout_fraction = 0.05  # share of files held out for evaluation
+  d.pack = True  # pack documents into rows with segment ids
+  d.mqar = ml_collections.ConfigDict()
+  d.mqar.num_kv_pairs = 8
+  d.mqar.num_examples = 100_000
+  return d
+
+
 def default_config() -> ml_collections.ConfigDict:
   """The full schema: model plus the sections the training tools read."""
   c = ml_collections.ConfigDict()
   c.model = model_config()
+  c.data = data_config()
   c.seed = 0
   return c
 
@@ -197,6 +214,20 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     _choice(e, q, "impl", MOE_IMPLS)
 
 
+def validate_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for any invalid data value."""
+  q = "data."
+  _choice(d, q, "source", ("stdlib", "text", "tokens", "mqar"))
+  _positive_int(d, q, "seq_len")
+  if d.source in ("text", "tokens") and not d.path:
+    _fail(q + "path", d.path, f"data.source={d.source!r} needs a file or folder path")
+  _choice(d, q, "token_dtype", ("uint16", "uint32"))
+  if not 0.0 <= d.heldout_fraction < 1.0:
+    _fail(q + "heldout_fraction", d.heldout_fraction, "expected 0 <= fraction < 1")
+  if d.tokenizer == "bytes" and d.source != "tokens" and m.vocab_size < 256:
+    _fail("model.vocab_size", m.vocab_size, "the byte tokenizer needs vocab_size >= 256")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates a full config (with a `model` section) and returns it."""
   if not isinstance(config, ml_collections.ConfigDict):
@@ -205,6 +236,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError("config has no 'model' section; start presets from "
                       "nemotron_jax.config.default_config()")
   validate_model(config.model)
+  if "data" in config:
+    validate_data(config.data, config.model)
   return config
 
 
