@@ -36,6 +36,7 @@ def model_config() -> ml_collections.ConfigDict:
   c.init_std = 0.02
   c.param_dtype = "float32"
   c.compute_dtype = "float32"
+  c.remat = False  # rematerialise each block in the backward pass
 
   c.mamba = ml_collections.ConfigDict()
   c.mamba.num_heads = 8
@@ -87,9 +88,16 @@ def data_config() -> ml_collections.ConfigDict:
   d.path = config_dict.placeholder(str)  # file or folder for "text", token file for "tokens"
   d.tokenizer = "bytes"  # "bytes" or the path of a tokenizer.json
   d.token_dtype = "uint16"  # element type of a "tokens" file: uint16 | uint32
+  d.eos_id = config_dict.placeholder(int)  # "tokens": a document ends after this id
   d.seq_len = 256
   d.heldout_fraction = 0.05  # share of files held out for evaluation
   d.pack = True  # pack documents into rows with segment ids
+  # Text files are cut at line breaks into documents of about this many bytes,
+  # so one shuffled epoch mixes many files instead of streaming whole files.
+  d.chunk_bytes = 16384
+  # Packed training rows are shuffled within windows of this many rows (1: off),
+  # so a batch does not hold consecutive rows of a few documents.
+  d.shuffle_window = 1024
   d.mqar = ml_collections.ConfigDict()
   d.mqar.num_kv_pairs = 8
   d.mqar.num_examples = 100_000
@@ -145,6 +153,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
       _fail(p + name, m[name], "expected a positive number")
   _choice(m, p, "param_dtype", DTYPES)
   _choice(m, p, "compute_dtype", DTYPES)
+  if not isinstance(m.remat, bool):
+    _fail(p + "remat", m.remat, "expected True or False")
 
   if "M" in pattern:
     a = m.mamba
@@ -218,13 +228,36 @@ def validate_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) ->
   """Raises ConfigError for any invalid data value."""
   q = "data."
   _choice(d, q, "source", ("stdlib", "text", "tokens", "mqar"))
-  _positive_int(d, q, "seq_len")
+  _positive_int(d, q, "seq_len", "chunk_bytes", "shuffle_window")
   if d.source in ("text", "tokens") and not d.path:
     _fail(q + "path", d.path, f"data.source={d.source!r} needs a file or folder path")
+  if not isinstance(d.tokenizer, str) or not d.tokenizer:
+    _fail(q + "tokenizer", d.tokenizer, "expected 'bytes' or the path of a tokenizer.json")
   _choice(d, q, "token_dtype", ("uint16", "uint32"))
-  if not 0.0 <= d.heldout_fraction < 1.0:
-    _fail(q + "heldout_fraction", d.heldout_fraction, "expected 0 <= fraction < 1")
-  if d.tokenizer == "bytes" and d.source != "tokens" and m.vocab_size < 256:
+  if d.eos_id is not None and (not isinstance(d.eos_id, int) or isinstance(d.eos_id, bool)
+                               or not 0 <= d.eos_id < m.vocab_size):
+    _fail(q + "eos_id", d.eos_id, f"expected None or a token id in [0, model.vocab_size={m.vocab_size})")
+  fraction = d.heldout_fraction
+  if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+    _fail(q + "heldout_fraction", fraction, "expected 0 <= fraction < 1")
+  if not isinstance(d.pack, bool):
+    _fail(q + "pack", d.pack, "expected True or False")
+  if d.chunk_bytes < 64:
+    _fail(q + "chunk_bytes", d.chunk_bytes, "expected at least 64 bytes per document")
+  _positive_int(d.mqar, q + "mqar.", "num_kv_pairs", "num_examples")
+  if d.source == "mqar":
+    pairs = d.mqar.num_kv_pairs
+    # A row of seq_len + 1 tokens holds the pairs, then each query as key and value.
+    if pairs > (d.seq_len + 1) // 4:
+      _fail(q + "mqar.num_kv_pairs", pairs,
+            f"2 tokens per pair plus 2 per query must fit data.seq_len + 1 = {d.seq_len + 1}: "
+            f"at most {(d.seq_len + 1) // 4}")
+    # Keys and values are distinct ids from the two halves of the vocabulary above 0.
+    if pairs > (m.vocab_size - 1) // 2:
+      _fail(q + "mqar.num_kv_pairs", pairs,
+            f"keys and values are distinct ids from halves of model.vocab_size={m.vocab_size}: "
+            f"at most {(m.vocab_size - 1) // 2}")
+  if d.tokenizer == "bytes" and d.source in ("stdlib", "text") and m.vocab_size < 256:
     _fail("model.vocab_size", m.vocab_size, "the byte tokenizer needs vocab_size >= 256")
 
 

@@ -1,0 +1,138 @@
+"""Mixture of experts with a sigmoid router, group-limited top-k, and optional LatentMoE.
+
+Router (float32): scores = sigmoid(x W_r); experts are *selected* by top-k of
+scores + bias (the aux-loss-free correction bias, model state in the
+"moe_state" collection, never touched by an optimiser), optionally limited to
+the `topk_group` best of `n_group` groups (a group scores the sum of its best
+two). The chosen experts are *weighted* by their unbiased scores, normalised
+to sum to one when `norm_topk_prob`, times `routed_scaling`.
+
+Experts are relu^2 MLPs run dropless: token copies sorted by expert and
+multiplied with `jax.lax.ragged_dot`. `dense_experts` is the one-hot reference
+that runs every expert on every token. LatentMoE projects d -> latent_size
+before the routed experts and back after combining; router and shared expert
+see the full-width input.
+
+Per layer, `moe_stats` receives the per-expert load (token copies routed to
+each expert) and the balancing loss sum_i f_i P_i (f_i: load share times the
+number of experts over top_k; P_i: mean normalised score).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from nemotron_jax.layers import basic
+from nemotron_jax.layers.mlp import MLP, relu2
+
+
+def route(logits, bias, *, top_k: int, n_group: int, topk_group: int, norm_topk_prob: bool,
+          routed_scaling: float):
+  """logits [t e] float32, bias [e] -> (weights [t k], experts [t k] int32, scores [t e])."""
+  scores = jax.nn.sigmoid(logits)
+  choice = scores + bias
+  t, e = choice.shape
+  if n_group > 1:
+    grouped = choice.reshape(t, n_group, e // n_group)
+    group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)
+    _, best_groups = jax.lax.top_k(group_scores, topk_group)
+    keep = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], best_groups].set(True)
+    keep = jnp.repeat(keep, e // n_group, axis=1)
+    choice = jnp.where(keep, choice, -jnp.inf)
+  _, experts = jax.lax.top_k(choice, top_k)
+  weights = jnp.take_along_axis(scores, experts, axis=-1)
+  if norm_topk_prob:
+    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+  return weights * routed_scaling, experts.astype(jnp.int32), scores
+
+
+def expert_load(experts, num_experts: int):
+  """Token copies routed to each expert: [t k] -> [e] float32."""
+  return jnp.zeros((num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+
+
+def balance_loss(scores, load, top_k: int):
+  """sum_i f_i P_i with f_i = e * load_i / (k t) and P_i = mean_t(s_i / sum_j s_j)."""
+  t, e = scores.shape
+  f = load * e / (top_k * t)
+  p = jnp.mean(scores / scores.sum(-1, keepdims=True), axis=0)
+  return jnp.sum(f * p)
+
+
+def ragged_experts(x, weights, experts, up, down, *, gmm: Callable = jax.lax.ragged_dot):
+  """Dropless experts. x [t d], weights/experts [t k], up [e d f], down [e f d] -> [t d] float32."""
+  t, k = experts.shape
+  num_experts = up.shape[0]
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  token = order // k
+  sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  h = relu2(gmm(x[token], up, sizes))
+  out = gmm(h.astype(x.dtype), down, sizes).astype(jnp.float32)
+  out = out * weights.reshape(-1)[order][:, None]
+  return jnp.zeros((t, out.shape[-1]), jnp.float32).at[token].add(out)
+
+
+def dense_experts(x, weights, experts, up, down):
+  """Reference: every expert on every token, combined with one-hot weights. Same shapes."""
+  combine = jnp.zeros((x.shape[0], up.shape[0]), jnp.float32)
+  combine = combine.at[jnp.arange(x.shape[0])[:, None], experts].add(weights)
+  h = relu2(jnp.einsum("td,edf->tef", x, up))
+  out = jnp.einsum("tef,efd->ted", h.astype(x.dtype), down).astype(jnp.float32)
+  return jnp.einsum("ted,te->td", out, combine)
+
+
+class MoE(nn.Module):
+  """MoE / LatentMoE mixer. __call__(x [b l d]) -> y [b l d]."""
+  cfg: Any
+  out_std: float
+  linear: Any = basic.Linear
+  gmm: Callable | None = None  # grouped matmul override for low-precision recipes
+
+  @nn.compact
+  def __call__(self, x):
+    m, e = self.cfg, self.cfg.moe
+    dtype, pdtype = basic.dtype_of(m.compute_dtype), basic.dtype_of(m.param_dtype)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+
+    router = basic.param_with_axes(self, "router", nn.initializers.normal(m.init_std),
+                                   (m.d_model, e.num_experts), jnp.float32, ("embed", "exp"))
+    bias = self.variable("moe_state", "e_score_correction_bias",
+                         lambda: jnp.zeros((e.num_experts,), jnp.float32))
+    logits = jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32))
+    weights, experts, scores = route(
+        logits, bias.value, top_k=e.top_k, n_group=e.n_group, topk_group=e.topk_group,
+        norm_topk_prob=e.norm_topk_prob, routed_scaling=e.routed_scaling)
+
+    h = x2
+    if e.latent_size is not None:
+      h = self.linear(e.latent_size, ("embed", "latent"), m.init_std, dtype, pdtype,
+                      name="fc1_latent_proj")(h)
+    width = h.shape[-1]
+    axis = "latent" if e.latent_size is not None else "embed"
+    up = basic.param_with_axes(self, "experts_up", nn.initializers.normal(m.init_std),
+                               (e.num_experts, width, e.d_ff), pdtype, ("exp", axis, "expert_mlp"))
+    down = basic.param_with_axes(self, "experts_down", nn.initializers.normal(self.out_std),
+                                 (e.num_experts, e.d_ff, width), pdtype, ("exp", "expert_mlp", axis))
+    h, up, down = h.astype(dtype), up.astype(dtype), down.astype(dtype)
+    if e.impl == "dense":
+      routed = dense_experts(h, weights, experts, up, down)
+    else:
+      routed = ragged_experts(h, weights, experts, up, down, gmm=self.gmm or jax.lax.ragged_dot)
+    routed = routed.astype(dtype)
+    if e.latent_size is not None:
+      routed = self.linear(m.d_model, ("latent", "embed"), self.out_std, dtype, pdtype,
+                           name="fc2_latent_proj")(routed)
+    out = routed
+    if e.shared_d_ff:
+      out = out + MLP(m, e.shared_d_ff, self.out_std, self.linear, name="shared_experts")(x2)
+
+    load = expert_load(experts, e.num_experts)
+    self.sow("moe_stats", "load", load)
+    self.sow("moe_stats", "balance_loss", balance_loss(scores, load, e.top_k))
+    return out.reshape(shape)
