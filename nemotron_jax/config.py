@@ -104,11 +104,55 @@ def data_config() -> ml_collections.ConfigDict:
   return d
 
 
+def train_config() -> ml_collections.ConfigDict:
+  """Defaults of the optimiser, schedule and loop."""
+  t = ml_collections.ConfigDict()
+  t.steps = 200
+  t.batch_size = 16  # global, in rows of data.seq_len tokens
+  t.lr = 3e-3
+  t.schedule = "wsd"  # wsd | cosine | constant
+  t.warmup_steps = 20
+  t.decay_fraction = 0.2  # wsd: share of steps spent decaying
+  t.decay_shape = "linear"  # wsd decay: linear | minus_sqrt | cosine
+  t.min_lr_ratio = 0.01  # final lr / peak lr
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.weight_decay = 0.1  # on matrices only: never on norms, biases or SSM vectors
+  t.grad_clip = 1.0  # global norm; 0 turns clipping off
+  t.log_every = 10
+  t.eval_every = 0  # 0: evaluate only at the end
+  t.eval_batches = 8
+  t.sample_tokens = 200  # length of the sample printed at the end; 0: none
+  return t
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """Device mesh sizes; -1 takes the devices the other axes leave."""
+  d = ml_collections.ConfigDict()
+  d.data = -1
+  d.fsdp = 1
+  d.tensor = 1
+  d.expert = 1
+  return d
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.every = 100  # steps between saves; 0: only at the end
+  c.keep = 3  # how many recent checkpoints to keep
+  c.async_save = True
+  return c
+
+
 def default_config() -> ml_collections.ConfigDict:
   """The full schema: model plus the sections the training tools read."""
   c = ml_collections.ConfigDict()
   c.model = model_config()
   c.data = data_config()
+  c.train = train_config()
+  c.mesh = mesh_config()
+  c.checkpoint = checkpoint_config()
   c.seed = 0
   return c
 
@@ -261,6 +305,42 @@ def validate_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) ->
     _fail("model.vocab_size", m.vocab_size, "the byte tokenizer needs vocab_size >= 256")
 
 
+def validate_train(t: ml_collections.ConfigDict) -> None:
+  q = "train."
+  _positive_int(t, q, "steps", "batch_size", "log_every", "eval_batches")
+  for name in ("warmup_steps", "eval_every", "sample_tokens"):
+    if not isinstance(t[name], int) or t[name] < 0:
+      _fail(q + name, t[name], "expected a non-negative integer")
+  _choice(t, q, "schedule", ("wsd", "cosine", "constant"))
+  _choice(t, q, "decay_shape", ("linear", "minus_sqrt", "cosine"))
+  if not t.lr > 0:
+    _fail(q + "lr", t.lr, "expected a positive learning rate")
+  for name in ("decay_fraction", "min_lr_ratio"):
+    if not 0.0 <= t[name] <= 1.0:
+      _fail(q + name, t[name], "expected a number in [0, 1]")
+  for name in ("b1", "b2"):
+    if not 0.0 <= t[name] < 1.0:
+      _fail(q + name, t[name], "expected a number in [0, 1)")
+  for name in ("weight_decay", "grad_clip", "eps"):
+    if t[name] < 0:
+      _fail(q + name, t[name], "expected a non-negative number")
+
+
+def validate_mesh(d: ml_collections.ConfigDict) -> None:
+  sizes = {name: d[name] for name in ("data", "fsdp", "tensor", "expert")}
+  for name, size in sizes.items():
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      _fail(f"mesh.{name}", size, "expected a positive size or -1 (the remaining devices)")
+  if sum(size == -1 for size in sizes.values()) > 1:
+    _fail("mesh", sizes, "at most one axis may be -1")
+
+
+def validate_checkpoint(c: ml_collections.ConfigDict) -> None:
+  if not isinstance(c.every, int) or c.every < 0:
+    _fail("checkpoint.every", c.every, "expected 0 (only at the end) or a positive step count")
+  _positive_int(c, "checkpoint.", "keep")
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates a full config (with a `model` section) and returns it."""
   if not isinstance(config, ml_collections.ConfigDict):
@@ -271,6 +351,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   validate_model(config.model)
   if "data" in config:
     validate_data(config.data, config.model)
+  if "train" in config:
+    validate_train(config.train)
+  if "mesh" in config:
+    validate_mesh(config.mesh)
+  if "checkpoint" in config:
+    validate_checkpoint(config.checkpoint)
   return config
 
 

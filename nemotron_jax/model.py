@@ -39,6 +39,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, segment_ids=None):
     m = self.cfg
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     h = basic.RMSNorm(m.norm_eps, basic.dtype_of(m.param_dtype), name="norm")(x)
     out_std = output_std(m)
     if self.kind == "M":

@@ -26,6 +26,9 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jax.sharding import PartitionSpec as P
+
+from nemotron_jax import sharding
 from nemotron_jax.layers import basic
 from nemotron_jax.layers.mlp import MLP, relu2
 
@@ -77,6 +80,46 @@ def ragged_experts(x, weights, experts, up, down, *, gmm: Callable = jax.lax.rag
   return jnp.zeros((t, out.shape[-1]), jnp.float32).at[token].add(out)
 
 
+def expert_parallel_experts(x, weights, experts, up, down, *, gmm: Callable = jax.lax.ragged_dot):
+  """`ragged_experts` with experts split over the mesh's `expert` axis (same shapes, global).
+
+  Under `shard_map`, each shard sends every token copy to the shard that holds
+  its expert with one all-to-all, runs its local experts dropless, and returns
+  the results with a second all-to-all. The send buffers have room for all of
+  a shard's copies per destination, so no token is ever dropped.
+  """
+  def local(x, weights, experts, up, down):
+    t, k = experts.shape
+    ep = jax.lax.axis_size("expert")
+    local_experts = up.shape[0]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    expert = flat[order]
+    token = order // k
+    dest = expert // local_experts
+    counts = jnp.bincount(dest, length=ep)
+    pos = jnp.arange(t * k) - (jnp.cumsum(counts) - counts)[dest]
+    send = jnp.zeros((ep, t * k, x.shape[-1]), x.dtype).at[dest, pos].set(x[token])
+    # Free rows carry the id `local_experts`, past every real group, so they sort last.
+    send_id = jnp.full((ep, t * k), local_experts, jnp.int32).at[dest, pos].set(
+        expert % local_experts)
+    rows = jax.lax.all_to_all(send, "expert", 0, 0).reshape(ep * t * k, -1)
+    ids = jax.lax.all_to_all(send_id, "expert", 0, 0).reshape(-1)
+    by_expert = jnp.argsort(ids, stable=True)
+    sizes = jnp.bincount(ids, length=local_experts).astype(jnp.int32)
+    h = relu2(gmm(rows[by_expert], up, sizes))
+    out = gmm(h.astype(x.dtype), down, sizes)
+    out = jnp.zeros_like(out).at[by_expert].set(out).reshape(ep, t * k, -1)
+    back = jax.lax.all_to_all(out, "expert", 0, 0)[dest, pos].astype(jnp.float32)
+    back = back * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((t, back.shape[-1]), jnp.float32).at[token].add(back)
+
+  tokens = P(sharding.BATCH_AXES, None)
+  experts_spec = P("expert", None, None)
+  return jax.shard_map(local, in_specs=(tokens, tokens, tokens, experts_spec, experts_spec),
+                       out_specs=tokens)(x, weights, experts, up, down)
+
+
 def dense_experts(x, weights, experts, up, down):
   """Reference: every expert on every token, combined with one-hot weights. Same shapes."""
   combine = jnp.zeros((x.shape[0], up.shape[0]), jnp.float32)
@@ -120,10 +163,13 @@ class MoE(nn.Module):
     down = basic.param_with_axes(self, "experts_down", nn.initializers.normal(self.out_std),
                                  (e.num_experts, e.d_ff, width), pdtype, ("exp", "expert_mlp", axis))
     h, up, down = h.astype(dtype), up.astype(dtype), down.astype(dtype)
+    gmm = self.gmm or jax.lax.ragged_dot
     if e.impl == "dense":
       routed = dense_experts(h, weights, experts, up, down)
+    elif sharding.expert_axis_size() > 1:
+      routed = expert_parallel_experts(h, weights, experts, up, down, gmm=gmm)
     else:
-      routed = ragged_experts(h, weights, experts, up, down, gmm=self.gmm or jax.lax.ragged_dot)
+      routed = ragged_experts(h, weights, experts, up, down, gmm=gmm)
     routed = routed.astype(dtype)
     if e.latent_size is not None:
       routed = self.linear(m.d_model, ("latent", "embed"), self.out_std, dtype, pdtype,

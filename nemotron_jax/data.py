@@ -1,0 +1,433 @@
+"""Data pipeline: tokenizers, sources, packing and grain datasets of batches.
+
+A batch is a dict of numpy arrays [B_local, T]: "inputs" and "targets" (int32,
+targets[t] = inputs[t + 1] within a row), "segment_ids" (int32, 1, 2, ... per
+document in a row, 0 on padding) and "loss_mask" (float32, 0 on padding, on a
+target that would cross a document boundary, and off the queries of MQAR).
+
+Sources (`data.source`): "stdlib" (the interpreter's standard library .py
+files), "text" (a text file or folder), "tokens" (a flat pre-tokenised file)
+and "mqar" (synthetic multi-query associative recall). Text is cut into
+documents of about `data.chunk_bytes`, tokenized lazily inside the grain map
+and packed into rows of seq_len + 1 tokens.
+
+Every process builds the same global batch and keeps its slice: packing is
+sequential, so this is what makes the union of the process shards exactly the
+single-process global batch, at the cost of each process tokenizing it all.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import sysconfig
+
+import grain
+import ml_collections
+import numpy as np
+import tokenizers
+
+from nemotron_jax.config import ConfigError, _fail, validate_data
+
+SPLITS = ("train", "heldout")
+# Few threads: tokenizing holds the GIL, and reading a chunk is cheap.
+_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=32)
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as token ids: a vocabulary of 256, one byte per token."""
+
+  vocab_size = 256
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def decode(self, ids) -> str:
+    return bytes(np.asarray(ids).astype(np.uint8)).decode("utf-8", errors="replace")
+
+  @functools.cached_property
+  def byte_lengths(self) -> np.ndarray:
+    """[vocab] UTF-8 bytes each token id stands for."""
+    return np.ones(self.vocab_size, np.int32)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+  """Character -> byte of byte-level BPE: printable bytes stand for themselves,
+  the others for chr(256), chr(257), ... in byte order."""
+  printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+  table = {chr(b): b for b in printable}
+  others = [b for b in range(256) if b not in table.values()]
+  table.update({chr(256 + n): b for n, b in enumerate(others)})
+  return table
+
+
+class JsonTokenizer:
+  """A `tokenizers` tokenizer loaded from a tokenizer.json file."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._tok = tokenizers.Tokenizer.from_file(path)
+    # Ids may be sparse, so the vocabulary spans up to the largest one.
+    self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  @functools.cached_property
+  def byte_lengths(self) -> np.ndarray:
+    """[vocab] UTF-8 bytes each token id stands for; 0 for special tokens.
+
+    Exact for byte-level BPE; otherwise the length of the token decoded alone,
+    which can miss a space a decoder strips at the start of a text.
+    """
+    lengths = np.zeros(self.vocab_size, np.int32)
+    byte_level = isinstance(self._tok.decoder, tokenizers.decoders.ByteLevel)
+    alphabet = _byte_level_alphabet()
+    for token, i in self._tok.get_vocab(with_added_tokens=False).items():
+      if byte_level and all(ch in alphabet for ch in token):
+        lengths[i] = len(token)
+      else:
+        lengths[i] = len(self._tok.decode([i]).encode("utf-8"))
+    for i, added in self._tok.get_added_tokens_decoder().items():
+      lengths[i] = 0 if added.special else len(added.content.encode("utf-8"))
+    return lengths
+
+
+def make_tokenizer(data_cfg: ml_collections.ConfigDict) -> ByteTokenizer | JsonTokenizer:
+  """The tokenizer `data.tokenizer` names: "bytes" or a tokenizer.json (or its folder)."""
+  name = data_cfg.tokenizer
+  if name == "bytes":
+    return ByteTokenizer()
+  path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+  if not os.path.isfile(path):
+    _fail("data.tokenizer", name,
+          f"no file {path!r}; expected 'bytes' or the path of a tokenizer.json (or a folder holding one)")
+  try:
+    return JsonTokenizer(path)
+  except Exception as e:  # tokenizers raises a bare Exception for a malformed file.
+    raise ConfigError(f"config field 'data.tokenizer' = {name!r} is invalid: "
+                      f"{path!r} is not a loadable tokenizer.json ({e})") from e
+
+
+def count_bytes(tokenizer, batch: dict) -> int:
+  """UTF-8 bytes the scored targets of `batch` stand for (bits per byte = nats / ln 2 / this)."""
+  lengths = tokenizer.byte_lengths[batch["targets"]]
+  return int(np.sum(lengths * (batch["loss_mask"] > 0)))
+
+
+def _hash(name: str) -> int:
+  return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+def _heldout_names(names: list[str], fraction: float) -> set[str]:
+  """The ceil(fraction * n) names with the smallest hash: stable and never empty for fraction > 0."""
+  count = math.ceil(fraction * len(names))
+  return set(sorted(names, key=_hash)[:count])
+
+
+def _list_stdlib() -> tuple[str, list[str]]:
+  """The standard library's root and its .py files, without tests and installed packages."""
+  root = sysconfig.get_paths()["stdlib"]
+  names = []
+  for folder, dirs, files in os.walk(root):
+    dirs[:] = [x for x in dirs if x not in _STDLIB_SKIP_DIRS]
+    names += [os.path.relpath(os.path.join(folder, f), root) for f in files if f.endswith(".py")]
+  return root, names
+
+
+def _list_text(path) -> tuple[str, list[str]]:
+  """A folder and the files of `path` in it: the file itself, or all non-hidden files below."""
+  if os.path.isfile(path):
+    return os.path.dirname(path), [os.path.basename(path)]
+  if not os.path.isdir(path):
+    _fail("data.path", path,
+          "no such file or folder; data.source='text' needs a text file or a folder of them")
+  names = []
+  for folder, dirs, files in os.walk(path):
+    dirs[:] = [x for x in dirs if not x.startswith(".")]
+    names += [os.path.relpath(os.path.join(folder, f), path) for f in files if not f.startswith(".")]
+  return path, names
+
+
+def _boundary(f, size: int, k: int, chunk: int) -> int:
+  """Start of chunk k of a file: after the last line break in the quarter chunk
+  before k * chunk, else k * chunk moved back to the start of a UTF-8 character."""
+  pos = k * chunk
+  if k == 0 or pos >= size:
+    return min(pos, size)
+  lo = pos - chunk // 4
+  f.seek(lo)
+  window = f.read(pos - lo + 1)
+  newline = window.rfind(b"\n", 0, pos - lo)
+  if newline >= 0:
+    return lo + newline + 1
+  while pos > lo and window[pos - lo] & 0xC0 == 0x80:
+    pos -= 1
+  return pos
+
+
+def _read_chunk(doc: tuple[str, int, int, int]) -> str:
+  """Text of one document: chunk k of a file, found from the file alone."""
+  path, size, k, chunk = doc
+  with open(path, "rb") as f:
+    start, stop = _boundary(f, size, k, chunk), _boundary(f, size, k + 1, chunk)
+    f.seek(start)
+    return f.read(stop - start).decode("utf-8", errors="replace")
+
+
+def _documents(d: ml_collections.ConfigDict, split: str) -> list[tuple[str, int, int, int]]:
+  """(path, size, chunk index, chunk bytes) of each document of a split, in corpus order.
+
+  Files are held out whole, picked by a hash of their relative path; a corpus
+  of one file is held out by chunk.
+  """
+  root, names = _list_stdlib() if d.source == "stdlib" else _list_text(d.path)
+  files = sorted((n.replace(os.sep, "/"), os.path.join(root, n)) for n in names)
+  files = [(name, path, os.path.getsize(path)) for name, path in files]
+  files = [f for f in files if f[2] > 0]
+  if not files and d.source == "stdlib":
+    _fail("data.source", d.source, f"no .py files under {root!r}; expected 'text' with data.path instead")
+  if not files:
+    _fail("data.path", d.path, "holds no non-empty files; expected a text file or a folder of them")
+  chunk = d.chunk_bytes
+  docs = [(name if len(files) > 1 else f"{name}#{k}", (path, size, k, chunk))
+          for name, path, size in files for k in range(math.ceil(size / chunk))]
+  heldout = _heldout_names(sorted({unit for unit, _ in docs}), d.heldout_fraction)
+  picked = [doc for unit, doc in docs if (unit in heldout) == (split == "heldout")]
+  if not picked:
+    what = f"{len(files)} files" if len(files) > 1 else f"1 file cut into {len(docs)} chunks"
+    _fail("data.heldout_fraction", d.heldout_fraction,
+          f"leaves the {split} split of {what} empty; expected a fraction that leaves both splits documents")
+  return picked
+
+
+def _row_example(row: np.ndarray, segments: np.ndarray) -> dict:
+  """A row of seq_len + 1 tokens and its segment ids -> one example."""
+  same = (segments[1:] == segments[:-1]) & (segments[:-1] > 0)
+  return {"inputs": row[:-1].astype(np.int32), "targets": row[1:].astype(np.int32),
+          "segment_ids": segments[:-1].astype(np.int32), "loss_mask": same.astype(np.float32)}
+
+
+class PackIterDataset(grain.IterDataset):
+  """Packs a stream of token-id documents into rows of `row_len` tokens.
+
+  Documents fill rows in order, each a new segment. A document that does not
+  fit goes on in the next row from its last packed token, so that every token
+  but a document's first is a target exactly once. The state is the parent's
+  state before the current document and the offset in it: plain JSON, which
+  is how grain checkpoints it (grain's ConcatThenSplitIterDataset state does
+  not survive the round trip: its tuple sentinel comes back as a list).
+  """
+
+  def __init__(self, parent: grain.IterDataset, *, row_len: int):
+    super().__init__(parent)
+    self._row_len = row_len
+
+  def __iter__(self) -> _PackIterator:
+    return _PackIterator(self._parent.__iter__(), row_len=self._row_len)
+
+
+class _PackIterator(grain.DatasetIterator):
+  """Iterator of (row, segment ids) pairs of PackIterDataset."""
+
+  def __init__(self, parent: grain.DatasetIterator, *, row_len: int):
+    super().__init__(parent)
+    self._row_len = row_len
+    self._doc = None
+    self._doc_state = parent.get_state()
+    self._offset = 0
+
+  def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+    row = np.zeros(self._row_len, np.int32)
+    segments = np.zeros(self._row_len, np.int32)
+    fill = 0
+    while fill < self._row_len:
+      if self._doc is None:
+        self._doc_state = self._parent.get_state()
+        try:
+          self._doc = next(self._parent)
+        except StopIteration:
+          break
+        self._offset = 0
+      take = min(self._row_len - fill, len(self._doc) - self._offset)
+      row[fill:fill + take] = self._doc[self._offset:self._offset + take]
+      segments[fill:fill + take] = segments[fill - 1] + 1 if fill else 1
+      fill += take
+      self._offset += take
+      if self._offset == len(self._doc):
+        self._doc = None
+    if not fill:
+      raise StopIteration
+    if self._doc is not None:
+      self._offset -= 1
+    return row, segments
+
+  def get_state(self) -> dict:
+    if self._doc is None:
+      return {"parent": self._parent.get_state(), "offset": 0}
+    return {"parent": self._doc_state, "offset": self._offset}
+
+  def set_state(self, state: dict):
+    self._parent.set_state(state["parent"])
+    self._doc_state = state["parent"]
+    self._doc, self._offset = None, state["offset"]
+    if self._offset:
+      self._doc = next(self._parent)
+
+
+def _unpacked_example(ids: np.ndarray, seq_len: int) -> dict:
+  """One document per row: truncated or padded to seq_len + 1 tokens."""
+  ids = ids[:seq_len + 1]
+  row = np.zeros(seq_len + 1, np.int32)
+  row[:len(ids)] = ids
+  return _row_example(row, (np.arange(seq_len + 1) < len(ids)).astype(np.int32))
+
+
+def _token_file(d: ml_collections.ConfigDict) -> np.memmap:
+  path = d.path
+  if not os.path.isfile(path):
+    _fail("data.path", path, f"no such file; data.source='tokens' needs a flat {d.token_dtype} token file")
+  size, itemsize = os.path.getsize(path), np.dtype(d.token_dtype).itemsize
+  if size < 2 * itemsize:
+    _fail("data.path", path, f"the token file holds {size} bytes; expected at least 2 {d.token_dtype} tokens")
+  if size % itemsize:
+    _fail("data.token_dtype", d.token_dtype,
+          f"{path!r} has {size} bytes, not a multiple of {itemsize}; expected the file's element type")
+  return np.memmap(path, dtype=d.token_dtype, mode="r")
+
+
+def _token_example(i: int, *, tokens, lo: int, hi: int, seq_len: int, eos_id, vocab_size: int, path: str):
+  """Row i of tokens[lo:hi]: rows overlap by one token so every token but the first is a target once."""
+  start = lo + i * seq_len
+  piece = np.asarray(tokens[start:min(start + seq_len + 1, hi)], np.int32)
+  if piece.max() >= vocab_size:
+    raise ValueError(f"token file {path!r} holds id {piece.max()} near token {start}, "
+                     f"but model.vocab_size = {vocab_size}")
+  row = np.zeros(seq_len + 1, np.int32)
+  row[:len(piece)] = piece
+  segments = np.zeros(seq_len + 1, np.int32)
+  segments[:len(piece)] = 1
+  if eos_id is not None:
+    segments[1:len(piece)] += np.cumsum(piece[:-1] == eos_id)
+  return _row_example(row, segments)
+
+
+def _token_rows(d, m, split: str) -> grain.MapDataset:
+  tokens = _token_file(d)
+  cut = len(tokens) - math.ceil(d.heldout_fraction * len(tokens))
+  lo, hi = (0, cut) if split == "train" else (cut, len(tokens))
+  if hi - lo < 2:
+    _fail("data.heldout_fraction", d.heldout_fraction,
+          f"the {split} split of {d.path!r} ({len(tokens)} tokens) has {hi - lo} tokens; expected >= 2")
+  rows = math.ceil((hi - lo - 1) / d.seq_len)
+  return grain.MapDataset.range(rows).map(functools.partial(
+      _token_example, tokens=tokens, lo=lo, hi=hi, seq_len=d.seq_len, eos_id=d.eos_id,
+      vocab_size=m.vocab_size, path=d.path))
+
+
+def _mqar_example(index: int, *, seed: int, split: str, num_kv_pairs: int, seq_len: int,
+                 vocab_size: int) -> dict:
+  """Example `index` of multi-query associative recall (Zoology, Arora et al. 2023).
+
+  The row is k1 v1 ... kN vN, then zeros where each key recurs once, in random
+  order and at a random even offset, followed by its value; the loss is only
+  on predicting those values. Keys and values are distinct ids from the lower
+  and upper half of [1, vocab_size).
+  """
+  n = num_kv_pairs
+  rng = np.random.default_rng((seed, SPLITS.index(split), index))
+  half = (vocab_size - 1) // 2
+  keys = 1 + rng.choice(half, n, replace=False)
+  values = 1 + half + rng.choice(vocab_size - 1 - half, n, replace=False)
+  row = np.zeros(seq_len + 1, np.int32)
+  row[0:2 * n:2], row[1:2 * n:2] = keys, values
+  queries = 2 * n + 2 * rng.choice((seq_len + 1 - 2 * n) // 2, n, replace=False)
+  row[queries], row[queries + 1] = keys, values
+  example = _row_example(row, np.ones(seq_len + 1, np.int32))
+  example["loss_mask"] = np.zeros(seq_len, np.float32)
+  example["loss_mask"][queries] = 1.0
+  return example
+
+
+def _mqar_rows(d, m, split: str, seed: int) -> grain.MapDataset:
+  count = d.mqar.num_examples if split == "train" else math.ceil(d.mqar.num_examples * d.heldout_fraction)
+  if count == 0:
+    _fail("data.heldout_fraction", d.heldout_fraction, "MQAR has no held-out examples; expected > 0")
+  return grain.MapDataset.range(count).map(functools.partial(
+      _mqar_example, seed=seed, split=split, num_kv_pairs=d.mqar.num_kv_pairs, seq_len=d.seq_len,
+      vocab_size=m.vocab_size))
+
+
+def _local_batch(rows: list[dict], *, lo: int, hi: int) -> dict:
+  """This process's rows [lo, hi) of a global batch, padding a short last batch with empty rows."""
+  blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
+  mine = list(rows[lo:hi])
+  mine += [blank] * (hi - lo - len(mine))
+  return {k: np.stack([r[k] for r in mine]) for k in blank}
+
+
+def make_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch_size: int,
+                 process_index: int = 0, process_count: int = 1,
+                 seed: int | None = None) -> grain.IterDataset:
+  """The grain dataset of this process's batches; see `make_iterator`."""
+  d, m = config.data, config.model
+  validate_data(d, m)
+  if split not in SPLITS:
+    raise ValueError(f"split = {split!r} is invalid; expected one of {list(SPLITS)}")
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size = {global_batch_size} is invalid; expected a positive "
+                     f"multiple of process_count = {process_count}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index = {process_index} is invalid; expected 0 <= index < {process_count}")
+  seed = config.seed if seed is None else seed
+  if not isinstance(seed, int) or seed < 0:
+    raise ValueError(f"seed = {seed!r} is invalid; expected a non-negative integer")
+  # grain's shuffles want 32-bit seeds, and the window shuffle adds its window index.
+  order_seed, window_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+  train = split == "train"
+
+  def ordered(ds: grain.MapDataset) -> grain.MapDataset:
+    return ds.shuffle(order_seed).repeat() if train else ds
+
+  if d.source == "mqar":
+    ds = ordered(_mqar_rows(d, m, split, seed)).to_iter_dataset(_READ_OPTIONS)
+  elif d.source == "tokens":
+    ds = ordered(_token_rows(d, m, split)).to_iter_dataset(_READ_OPTIONS)
+  else:
+    tokenizer = make_tokenizer(d)
+    if tokenizer.vocab_size > m.vocab_size:
+      _fail("model.vocab_size", m.vocab_size,
+            f"data.tokenizer {d.tokenizer!r} has {tokenizer.vocab_size} ids; expected vocab_size >= that")
+    docs = ordered(grain.MapDataset.source(_documents(d, split)))
+    ids = docs.map(lambda doc: tokenizer.encode(_read_chunk(doc)))
+    if d.pack:
+      ds = PackIterDataset(ids.to_iter_dataset(_READ_OPTIONS), row_len=d.seq_len + 1)
+      ds = ds.map(lambda packed: _row_example(*packed))
+      if train and d.shuffle_window > 1:
+        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=d.shuffle_window,
+                                                         seed=window_seed >> 1)
+    else:
+      ds = ids.map(functools.partial(_unpacked_example, seq_len=d.seq_len)).to_iter_dataset(_READ_OPTIONS)
+  local = global_batch_size // process_count
+  return ds.batch(global_batch_size, batch_fn=functools.partial(
+      _local_batch, lo=process_index * local, hi=(process_index + 1) * local))
+
+
+def make_iterator(config: ml_collections.ConfigDict, *, split: str, global_batch_size: int,
+                  process_index: int = 0, process_count: int = 1,
+                  seed: int | None = None) -> grain.DatasetIterator:
+  """Iterator of dict batches [global_batch_size // process_count, data.seq_len].
+
+  "train" repeats forever, reshuffled each epoch; "heldout" is one pass in
+  corpus order whose last batch is padded with loss_mask 0 rows. Batches
+  depend only on the seed (default config.seed); the iterator's
+  get_state()/set_state() resume a run exactly.
+  """
+  return iter(make_dataset(config, split=split, global_batch_size=global_batch_size,
+                           process_index=process_index, process_count=process_count, seed=seed))

@@ -1,0 +1,205 @@
+"""The training library train.py calls: optimiser, schedules, loss, sharded state, steps.
+
+The step is one `jax.jit` with explicit in/out shardings from the rules table
+in `sharding.py`. MoE expert biases live in their own collection and change
+only through the aux-loss-free update here, never through the optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from nemotron_jax import sharding
+from nemotron_jax.model import NemotronH
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  moe_state: Any  # {"layers_i": {"mixer": {"e_score_correction_bias": [experts]}}}
+  rng: jax.Array
+
+
+def lr_schedule(t, steps: int | None = None) -> optax.Schedule:
+  """Linear warmup, then warmup-stable-decay, cosine, or constant."""
+  steps = steps or t.steps
+  peak, floor = t.lr, t.lr * t.min_lr_ratio
+  warmup = min(t.warmup_steps, steps)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * jnp.minimum(1.0, (step + 1) / max(warmup, 1))
+    if t.schedule == "constant":
+      rest = jnp.asarray(peak)
+    elif t.schedule == "cosine":
+      frac = jnp.clip((step - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+      rest = floor + (peak - floor) * 0.5 * (1 + jnp.cos(math.pi * frac))
+    else:
+      decay_steps = max(int(round(t.decay_fraction * steps)), 1)
+      start = steps - decay_steps
+      frac = jnp.clip((step - start) / decay_steps, 0.0, 1.0)
+      if t.decay_shape == "linear":
+        shape = 1.0 - frac
+      elif t.decay_shape == "minus_sqrt":
+        shape = 1.0 - jnp.sqrt(frac)
+      else:
+        shape = 0.5 * (1 + jnp.cos(math.pi * frac))
+      rest = floor + (peak - floor) * shape
+    return jnp.where(step < warmup, warm, rest)
+
+  return schedule
+
+
+def decay_mask(params):
+  """Weight decay on matrices (kernels, embeddings, experts, conv taps), not on vectors."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(t) -> optax.GradientTransformation:
+  parts = []
+  if t.grad_clip:
+    parts.append(optax.clip_by_global_norm(t.grad_clip))
+  parts.append(optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+                           weight_decay=t.weight_decay, mask=decay_mask))
+  return optax.chain(*parts)
+
+
+def cross_entropy(logits, targets, mask):
+  """Masked mean token cross-entropy (nats) and the summed loss and token count."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  total = jnp.sum(nll * mask)
+  count = jnp.sum(mask)
+  return total / jnp.maximum(count, 1.0), total, count
+
+
+def moe_stats_summary(stats) -> tuple[list, jax.Array]:
+  """Per-layer loads (in layer order) and the summed balancing loss from `moe_stats`."""
+  loads, balance = [], jnp.zeros((), jnp.float32)
+  for name in sorted(stats, key=lambda n: int(n.split("_")[1])):
+    layer = stats[name]["mixer"]
+    loads.append((name, sum(layer["load"])))
+    balance = balance + sum(layer["balance_loss"])
+  return loads, balance
+
+
+def update_expert_bias(moe_state, loads, rate: float):
+  """bias_i += rate * sign(mean load - load_i): under-loaded experts become likelier."""
+  new = jax.tree.map(lambda x: x, moe_state)
+  for name, load in loads:
+    bias = moe_state[name]["mixer"]["e_score_correction_bias"]
+    new[name]["mixer"]["e_score_correction_bias"] = bias + rate * jnp.sign(jnp.mean(load) - load)
+  return new
+
+
+class Trainer:
+  """Holds the model, optimiser and mesh; builds the sharded state and jitted steps."""
+
+  def __init__(self, config, model: NemotronH, mesh: Mesh):
+    self.config, self.model, self.mesh = config, model, mesh
+    self.tx = make_optimizer(config.train)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.state_shardings = self._state_shardings()
+    self._train_jit = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                              out_shardings=(self.state_shardings, sharding.replicated(mesh)),
+                              donate_argnums=(0,))
+    self._eval_jit = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params,
+                                                            self.state_shardings.moe_state,
+                                                            self.batch_sharding),
+                             out_shardings=sharding.replicated(mesh))
+
+  def _boxed_init(self, rng):
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    variables = self.model.init(rng, tokens)
+    return {k: v for k, v in variables.items() if k != "moe_stats"}
+
+  def _state_shardings(self) -> TrainState:
+    boxed = jax.eval_shape(self._boxed_init, jax.random.PRNGKey(0))
+    var_shardings = sharding.logical_to_sharding(boxed, self.mesh)
+    abstract = nn.meta.unbox(boxed)
+    sharding.check_divisible(abstract, var_shardings, self.mesh)
+    params_sh = var_shardings["params"]
+    opt_abstract = jax.eval_shape(self.tx.init, abstract["params"])
+    # Optimiser moments mirror their parameters; scalars (counts) are replicated.
+    opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, params_sh,
+                                   transform_non_params=lambda _: sharding.replicated(self.mesh))
+    rep = sharding.replicated(self.mesh)
+    return TrainState(step=rep, params=params_sh, opt_state=opt_sh,
+                      moe_state=var_shardings.get("moe_state", {}), rng=rep)
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    with jax.set_mesh(self.mesh):
+      return self._train_jit(state, batch)
+
+  def eval_step(self, state: TrainState, batch) -> dict:
+    with jax.set_mesh(self.mesh):
+      return self._eval_jit(state.params, state.moe_state, batch)
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state, for restoring without allocating twice."""
+    shapes = jax.eval_shape(lambda: self._init_fn(jax.random.PRNGKey(0)))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_shardings)
+
+  def _init_fn(self, rng) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    variables = nn.meta.unbox(self._boxed_init(init_rng))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                      moe_state=variables.get("moe_state", {}), rng=state_rng)
+
+  def init_state(self, seed: int) -> TrainState:
+    with jax.set_mesh(self.mesh):
+      return jax.jit(self._init_fn, out_shardings=self.state_shardings)(jax.random.PRNGKey(seed))
+
+  def _forward(self, params, moe_state, batch):
+    variables = {"params": params, "moe_state": moe_state}
+    with nn.logical_axis_rules(sharding.RULES):
+      logits, stats = self.model.apply(variables, batch["inputs"], batch["segment_ids"],
+                                       mutable=["moe_stats"])
+    ce, total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    loads, balance = moe_stats_summary(stats.get("moe_stats", {}))
+    return ce, total, count, loads, balance
+
+  def _train_step(self, state: TrainState, batch):
+    coef = self.config.model.moe.balance_loss_coef
+
+    def loss_fn(params):
+      ce, _, count, loads, balance = self._forward(params, state.moe_state, batch)
+      return ce + coef * balance, (ce, count, loads, balance)
+
+    (loss, (ce, count, loads, balance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    moe_state = update_expert_bias(state.moe_state, loads,
+                                   self.config.model.moe.bias_update_rate)
+    metrics = {"loss": loss, "ce": ce, "tokens": count, "grad_norm": optax.global_norm(grads),
+               "lr": lr_schedule(self.config.train)(state.step), "balance_loss": balance}
+    if loads:
+      share = jnp.stack([load / jnp.sum(load) for _, load in loads])  # [layers, experts]
+      ideal = 1.0 / share.shape[-1]
+      metrics["expert_load_max"] = jnp.max(share) / ideal
+      metrics["expert_load_min"] = jnp.min(share) / ideal
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              moe_state=moe_state, rng=jax.random.fold_in(state.rng, state.step))
+    return new_state, metrics
+
+  def _eval_step(self, params, moe_state, batch):
+    _, total, count, _, _ = self._forward(params, moe_state, batch)
+    return {"nll_sum": total, "tokens": count}
+
+  def shard_batch(self, batch: dict) -> dict:
+    arrays = {k: np.asarray(v) for k, v in batch.items()}
+    return sharding.local_batch_to_global(arrays, self.mesh)

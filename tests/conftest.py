@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny configs and float32 everywhere."""
+
+import jax
+import pytest
+
+from nemotron_jax import config as config_lib
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def tiny_config(pattern: str = "M*-E", overrides: dict | None = None):
+  """A model small enough to compile in seconds, with every mixer width distinct."""
+  c = config_lib.default_config()
+  m = c.model
+  m.pattern = pattern
+  m.d_model = 32
+  m.vocab_size = 64
+  m.mamba.num_heads, m.mamba.head_dim, m.mamba.d_state = 4, 8, 16
+  m.mamba.n_groups, m.mamba.chunk_size = 2, 8
+  m.attention.num_heads, m.attention.num_kv_heads, m.attention.head_dim = 4, 2, 8
+  m.mlp.d_ff = 48
+  m.moe.num_experts, m.moe.top_k, m.moe.d_ff, m.moe.shared_d_ff = 8, 2, 16, 24
+  for key, value in (overrides or {}).items():
+    node = m
+    *path, leaf = key.split(".")
+    for name in path:
+      node = node[name]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture
+def make_config():
+  return tiny_config

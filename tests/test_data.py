@@ -1,0 +1,380 @@
+"""Tests of the data pipeline: determinism, resumption, sharding, packing, sources, errors."""
+
+import json
+import math
+import string
+
+import numpy as np
+import pytest
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from nemotron_jax import config as config_lib
+from nemotron_jax import data
+
+NUM_DOCS = 20
+
+
+def _config(**data_fields):
+  c = config_lib.default_config()
+  c.data.seq_len = 32
+  c.data.shuffle_window = 100  # grain's index shuffle is slow for tiny ranges
+  for name, value in data_fields.items():
+    c.data[name] = value
+  return c
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  """A folder of NUM_DOCS files; file i is written only in its own 3 letters, so
+  the letters of any piece of text say which document it came from."""
+  folder = tmp_path / "corpus"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  letters = string.ascii_letters + string.digits
+  docs = {}
+  for i in range(NUM_DOCS):
+    alphabet = letters[3 * i:3 * i + 3]
+    text = "".join(rng.choice(list(alphabet), int(rng.integers(20, 150))))
+    (folder / f"doc{i:02d}.txt").write_text(text)
+    docs[alphabet] = text
+  return folder, docs
+
+
+def _doc_of(text, docs):
+  """The alphabet of the single document `text` is a contiguous piece of."""
+  owners = [a for a, doc in docs.items() if set(text) <= set(a)]
+  assert len(owners) == 1, f"{text!r} mixes documents"
+  assert text in docs[owners[0]], f"{text!r} is not a contiguous piece of its document"
+  return owners[0]
+
+
+def _segments(batch, tokenizer, docs):
+  """Checks the packing invariants of every row and yields (alphabet, text) of each segment."""
+  for inputs, targets, seg, mask in zip(batch["inputs"], batch["targets"], batch["segment_ids"],
+                                        batch["loss_mask"]):
+    np.testing.assert_array_equal(inputs[1:], targets[:-1])
+    steps = np.diff(seg)
+    used = seg > 0
+    assert seg[0] == 1 or not used.any()
+    assert np.all(used[:-1] >= used[1:]), "padding only at the end of a row"
+    assert np.all((steps[used[1:]] == 0) | (steps[used[1:]] == 1))
+    # A target is scored exactly when it continues its input's document.
+    np.testing.assert_array_equal(mask[:-1], (steps == 0) & used[:-1])
+    assert np.all(mask[~used] == 0)
+    for s in range(1, seg.max() + 1):
+      where = np.flatnonzero(seg == s)
+      ids = inputs[where]
+      if mask[where[-1]]:
+        ids = np.append(ids, targets[where[-1]])
+      text = tokenizer.decode(ids)
+      yield _doc_of(text, docs), text
+
+
+def test_byte_tokenizer_roundtrip():
+  tok = data.make_tokenizer(_config().data)
+  text = "héllo, 日本 ✓"
+  ids = tok.encode(text)
+  assert tok.vocab_size == 256 and ids.dtype == np.int32
+  assert len(ids) == len(text.encode("utf-8"))
+  assert tok.decode(ids) == text
+  assert tok.decode(ids[:2]) == "h\ufffd"  # a cut character decodes to U+FFFD
+
+
+def _source_config(source, corpus, tmp_path, **fields):
+  """A config reading `source`: the corpus for "text", random uint16 ids for "tokens"."""
+  c = _config(source=source, **fields)
+  if source == "text":
+    c.data.path = str(corpus[0])
+  if source == "tokens":
+    path = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 256, 5000).astype(np.uint16).tofile(path)
+    c.data.path = str(path)
+  return c
+
+
+@pytest.mark.parametrize("source", ["stdlib", "text", "tokens", "mqar"])
+def test_fresh_iterators_agree_and_seed_matters(source, corpus, tmp_path):
+  c = _source_config(source, corpus, tmp_path)
+  first = _take(data.make_iterator(c, split="train", global_batch_size=4), 5)
+  _assert_same(first, _take(data.make_iterator(c, split="train", global_batch_size=4), 5))
+  other = _take(data.make_iterator(c, split="train", global_batch_size=4, seed=1), 5)
+  assert any(not np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(first, other))
+
+
+@pytest.mark.parametrize("source,fields", [
+    ("stdlib", {"shuffle_window": 32}),  # restores mid-window and across windows
+    ("text", {}),  # small corpus: the run crosses epochs
+    ("text", {"pack": False}),
+    ("tokens", {}),
+    ("mqar", {}),
+])
+def test_restored_iterator_matches_uninterrupted(source, fields, corpus, tmp_path):
+  c = _source_config(source, corpus, tmp_path, **fields)
+  it = data.make_iterator(c, split="train", global_batch_size=4)
+  states = []
+  batches = []
+  for _ in range(30):
+    # grain checkpoints the state as JSON, so it must survive the round trip.
+    states.append(json.loads(json.dumps(it.get_state())))
+    batches.append(next(it))
+  for step in (1, 3, 7, 20):
+    resumed = data.make_iterator(c, split="train", global_batch_size=4)
+    resumed.set_state(states[step])
+    _assert_same(batches[step:step + 8], _take(resumed, len(batches[step:step + 8])))
+
+
+@pytest.mark.parametrize("source,split", [("stdlib", "train"), ("text", "heldout"), ("mqar", "train")])
+def test_process_shards_partition_the_global_batch(source, split, corpus, tmp_path):
+  c = _source_config(source, corpus, tmp_path, heldout_fraction=0.25)
+
+  def batches(**kwargs):
+    it = data.make_iterator(c, split=split, global_batch_size=12, **kwargs)
+    return _take(it, 3) if split == "train" else list(it)
+
+  glob = batches()
+  if split == "heldout":  # 16 rows: the second batch is padded with 8 empty rows
+    assert len(glob) == 2 and not glob[-1]["segment_ids"][4:].any()
+  for count in (2, 4):
+    shards = [batches(process_index=p, process_count=count) for p in range(count)]
+    assert all(len(shard) == len(glob) for shard in shards)
+    for step, whole in enumerate(glob):
+      for k in whole:
+        parts = [shard[step][k] for shard in shards]
+        assert all(part.shape[0] == 12 // count for part in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), whole[k], err_msg=k)
+
+
+def test_packing_respects_documents(corpus):
+  path, docs = corpus
+  c = _config(source="text", path=str(path), heldout_fraction=0.25)
+  tok = data.make_tokenizer(c.data)
+  # The held-out pass is finite: every token but each document's first is a target once.
+  scored = 0
+  seen = set()
+  pieces = []
+  for batch in data.make_iterator(c, split="heldout", global_batch_size=4):
+    scored += batch["loss_mask"].sum()
+    assert data.count_bytes(tok, batch) == batch["loss_mask"].sum()
+    for alphabet, text in _segments(batch, tok, docs):
+      seen.add(alphabet)
+      pieces.append(text)
+  assert len(seen) == math.ceil(0.25 * NUM_DOCS)
+  assert scored == sum(len(docs[a]) - 1 for a in seen)
+  assert any(len(p) == c.data.seq_len + 1 for p in pieces), "no document spans a row"
+  for batch in _take(data.make_iterator(c, split="train", global_batch_size=4), 20):
+    list(_segments(batch, tok, docs))
+
+
+def test_heldout_files_never_in_train(corpus):
+  path, docs = corpus
+  c = _config(source="text", path=str(path), heldout_fraction=0.25)
+  tok = data.make_tokenizer(c.data)
+  heldout = {a for b in data.make_iterator(c, split="heldout", global_batch_size=4)
+             for a, _ in _segments(b, tok, docs)}
+  train_chars = sum(len(docs[a]) for a in docs if a not in heldout)
+  rows = 2 * train_chars // c.data.seq_len + 8  # more than an epoch
+  train = {a for b in _take(data.make_iterator(c, split="train", global_batch_size=4), rows // 4)
+           for a, _ in _segments(b, tok, docs)}
+  assert not heldout & train
+  assert heldout | train == set(docs)
+
+
+def test_stdlib_heldout_split_is_by_file():
+  d = _config().data
+  train = {path for path, *_ in data._documents(d, "train")}
+  heldout = {path for path, *_ in data._documents(d, "heldout")}
+  assert heldout and train and not heldout & train
+  assert not any("site-packages" in p or "/test/" in p for p in train | heldout)
+  assert len(heldout) == math.ceil(d.heldout_fraction * len(train | heldout))
+
+
+def test_unpacked_rows_hold_one_document_and_epochs_reshuffle(corpus):
+  path, docs = corpus
+  c = _config(source="text", path=str(path), pack=False, heldout_fraction=0.25, seq_len=64)
+  tok = data.make_tokenizer(c.data)
+  per_epoch = NUM_DOCS - math.ceil(0.25 * NUM_DOCS)
+  order = []
+  for batch in _take(data.make_iterator(c, split="train", global_batch_size=5), 2 * per_epoch // 5):
+    for row in range(5):
+      (alphabet, text), = _segments({k: v[row:row + 1] for k, v in batch.items()}, tok, docs)
+      assert text == docs[alphabet][:c.data.seq_len + 1]
+      order.append(alphabet)
+  first, second = order[:per_epoch], order[per_epoch:]
+  assert sorted(first) == sorted(second) and len(set(first)) == per_epoch
+  assert first != second
+
+
+def test_stdlib_batches_are_well_formed():
+  c = _config(seq_len=64)
+  tok = data.make_tokenizer(c.data)
+  batch = next(data.make_iterator(c, split="train", global_batch_size=6, process_index=1,
+                                  process_count=2))
+  for k, dtype in (("inputs", np.int32), ("targets", np.int32), ("segment_ids", np.int32),
+                   ("loss_mask", np.float32)):
+    assert batch[k].shape == (3, 64) and batch[k].dtype == dtype, k
+  np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+  assert batch["loss_mask"].mean() > 0.9
+  assert data.count_bytes(tok, batch) == batch["loss_mask"].sum()
+
+
+def test_mqar_targets_are_the_values_of_queried_keys():
+  c = _config(source="mqar", seq_len=64)
+  c.model.vocab_size = 96
+  c.data.mqar.num_kv_pairs = 6
+  c.data.mqar.num_examples = 40
+  n, v = c.data.mqar.num_kv_pairs, c.model.vocab_size
+  batches = _take(data.make_iterator(c, split="train", global_batch_size=8), 3)
+  heldout = list(data.make_iterator(c, split="heldout", global_batch_size=8))
+  assert sum(len(b["inputs"]) for b in heldout) == 8  # ceil(40 * 0.05) = 2, padded
+  assert heldout[0]["loss_mask"][2:].sum() == 0 and heldout[0]["segment_ids"][2:].sum() == 0
+  for batch in batches + heldout:
+    for inputs, targets, seg, mask in zip(batch["inputs"], batch["targets"], batch["segment_ids"],
+                                          batch["loss_mask"]):
+      if not mask.any():
+        continue
+      keys, values = inputs[0:2 * n:2], inputs[1:2 * n:2]
+      assert len(set(keys)) == n and keys.max() < values.min() and values.max() < v
+      assert keys.min() >= 1 and np.all(seg == 1)
+      pairs = dict(zip(keys, values))
+      queries = np.flatnonzero(mask)
+      assert len(queries) == n and queries.min() >= 2 * n
+      assert sorted(inputs[queries]) == sorted(keys)
+      np.testing.assert_array_equal(targets[queries], [pairs[k] for k in inputs[queries]])
+      row = np.append(inputs, targets[-1])
+      filler = np.ones(len(row), bool)
+      filler[:2 * n] = filler[queries] = filler[queries + 1] = False
+      assert np.all(row[filler] == 0)
+  train_rows = {r.tobytes() for b in batches for r in b["inputs"]}
+  assert not train_rows & {r.tobytes() for r in heldout[0]["inputs"][:2]}
+
+
+def _token_file(tmp_path, n=1000, eos_every=7):
+  """Token i is i + 1, except every eos_every-th token is the EOS id 0."""
+  tokens = np.arange(1, n + 1, dtype=np.uint32)
+  tokens[eos_every - 1::eos_every] = 0
+  path = tmp_path / "tokens.u32"
+  tokens.tofile(path)
+  return path, tokens
+
+
+def test_token_file_rows_split_and_eos_segments(tmp_path):
+  path, tokens = _token_file(tmp_path)
+  c = _config(source="tokens", path=str(path), token_dtype="uint32", eos_id=0, seq_len=16,
+              heldout_fraction=0.1)
+  c.model.vocab_size = 1024
+  cut = 900
+  rows = [r for b in data.make_iterator(c, split="heldout", global_batch_size=4)
+          for r in zip(*(b[k] for k in ("inputs", "targets", "segment_ids", "loss_mask")))]
+  scored = 0
+  for i, (inputs, targets, seg, mask) in enumerate(rows):
+    # Row i is tokens[cut + 16 i : cut + 16 i + 17]: consecutive rows share a token.
+    piece = tokens[cut + 16 * i:cut + 16 * i + 17]
+    row, segments = np.zeros(17, np.int64), np.zeros(17, np.int64)
+    row[:len(piece)] = piece
+    segments[:len(piece)] = 1 + np.cumsum(np.r_[0, piece[:-1] == 0])
+    np.testing.assert_array_equal(inputs, row[:-1])
+    np.testing.assert_array_equal(targets, row[1:])
+    np.testing.assert_array_equal(seg, segments[:-1])
+    scored += mask.sum()
+  # Every held-out token but the first is a target once, unless it follows an EOS.
+  assert scored == np.sum(tokens[cut:-1] != 0)
+  train = _take(data.make_iterator(c, split="train", global_batch_size=4), 30)
+  assert max(max(b["inputs"].max(), b["targets"].max()) for b in train) <= cut
+  c.model.vocab_size = 512
+  with pytest.raises(ValueError, match="model.vocab_size = 512"):
+    _take(data.make_iterator(c, split="heldout", global_batch_size=4), 10)
+
+
+def _bpe_tokenizer(texts, path):
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(texts, trainer=trainer)
+  tok.save(str(path))
+
+
+def test_tokenizer_json_source(corpus, tmp_path):
+  path, docs = corpus
+  _bpe_tokenizer(list(docs.values()) + ["héllo 日本 ✓"], tmp_path / "tokenizer.json")
+  c = _config(source="text", path=str(path), tokenizer=str(tmp_path), heldout_fraction=0.25)
+  c.model.vocab_size = 512
+  tok = data.make_tokenizer(c.data)
+  assert isinstance(tok, data.JsonTokenizer) and 256 < tok.vocab_size <= 320
+  text = "héllo 日本 ✓ and more"
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text and len(ids) < len(text.encode("utf-8"))
+  assert tok.byte_lengths[ids].sum() == len(text.encode("utf-8"))
+  assert tok.byte_lengths[tok.encode("<eos>")].sum() == 0
+  seen = set()
+  for batch in data.make_iterator(c, split="heldout", global_batch_size=4):
+    seen |= {a for a, _ in _segments(batch, tok, docs)}
+  assert len(seen) == math.ceil(0.25 * NUM_DOCS)
+  c.model.vocab_size = 256
+  with pytest.raises(config_lib.ConfigError, match="model.vocab_size"):
+    data.make_iterator(c, split="train", global_batch_size=4)
+
+
+def test_single_text_file_is_split_by_chunk(tmp_path):
+  lines = [f"line {i} " + "x" * (i % 37) for i in range(400)]
+  (tmp_path / "one.txt").write_text("\n".join(lines))
+  # A chunk is at most 1.25 chunk_bytes, so with pack=False each row holds a whole one.
+  c = _config(source="text", path=str(tmp_path / "one.txt"), chunk_bytes=256, heldout_fraction=0.2,
+              pack=False, seq_len=320)
+  tok = data.make_tokenizer(c.data)
+
+  def chunks(split):
+    count = len(data._documents(c.data, split))
+    batches = _take(data.make_iterator(c, split=split, global_batch_size=1), count)
+    return [tok.decode(b["inputs"][0][b["segment_ids"][0] > 0]) for b in batches]
+
+  heldout, train = chunks("heldout"), chunks("train")
+  assert len(heldout) == math.ceil(0.2 * (len(heldout) + len(train)))
+  assert all(t.startswith("line ") for t in heldout + train)
+  assert "".join(sorted(heldout + train, key=lambda t: int(t.split()[1]))) == "\n".join(lines)
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"source": "text", "path": "/no/such/dir"}, "data.path"),
+    ({"source": "text", "path": "EMPTY"}, "data.path.*no non-empty files"),
+    ({"source": "tokens", "path": "EMPTY_FILE"}, "data.path.*0 bytes"),
+    ({"source": "tokens", "path": "ODD_FILE"}, "data.token_dtype"),
+    ({"tokenizer": "/no/such/tokenizer.json"}, "data.tokenizer.*tokenizer.json"),
+    ({"source": "mqar", "seq_len": 16}, "data.mqar.num_kv_pairs.*at most 4"),
+    ({"chunk_bytes": 10}, "data.chunk_bytes"),
+    ({"heldout_fraction": 0.0}, "data.heldout_fraction.*heldout split"),
+])
+def test_bad_input_errors_name_the_field(fields, match, tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty.bin").write_bytes(b"")
+  (tmp_path / "odd.bin").write_bytes(b"\x01" * 5)
+  paths = {"EMPTY": tmp_path / "empty", "EMPTY_FILE": tmp_path / "empty.bin",
+           "ODD_FILE": tmp_path / "odd.bin"}
+  c = _config(**{k: str(paths.get(v, v)) if k == "path" else v for k, v in fields.items()})
+  with pytest.raises(config_lib.ConfigError, match=match):
+    next(data.make_iterator(c, split="heldout", global_batch_size=4))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"split": "test"}, "split"),
+    ({"global_batch_size": 6, "process_count": 4}, "global_batch_size = 6"),
+    ({"process_index": 2, "process_count": 2}, "process_index"),
+])
+def test_bad_arguments(kwargs, match):
+  kwargs = {"split": "train", "global_batch_size": 4, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    data.make_iterator(_config(), **kwargs)
