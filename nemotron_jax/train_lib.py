@@ -185,7 +185,7 @@ class Trainer:
     params = optax.apply_updates(state.params, updates)
     moe_state = update_expert_bias(state.moe_state, loads,
                                    self.config.model.moe.bias_update_rate)
-    metrics = {"loss": loss, "ce": ce, "tokens": count, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "ce": ce, "tokens": count, "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(self.config.train)(state.step), "balance_loss": balance}
     if loads:
       share = jnp.stack([load / jnp.sum(load) for _, load in loads])  # [layers, experts]

@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny configs and float32 everywhere."""
+"""Shared fixtures: tiny configs, float32 matmuls, and 8 simulated CPU devices."""
 
-import jax
-import pytest
+import os
+
+# Must precede the first jax import: sharding tests need several devices.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 from nemotron_jax import config as config_lib
 

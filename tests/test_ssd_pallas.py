@@ -1,0 +1,133 @@
+"""Pallas SSD kernels (interpreted on CPU) against the jnp chunked and sequential scans, plus a CUDA lowering check."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nemotron_jax.kernels.ssd import ssd_pallas
+from nemotron_jax.layers.ssd import ssd_chunked, ssd_sequential
+
+H, P, N = 4, 8, 16
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
+
+
+def make_inputs(b, l, g, dtype, with_init, seed=0):
+  """Random SSD inputs with realistic ranges: dt in ~(0.05, 1.3), A in [-4.5, -1].
+
+  NumPy draws them: eager jax.random would compile every op, slower than the tests.
+  """
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  x, B, C = normal(b, l, H, P), normal(b, l, g, N), normal(b, l, g, N)
+  dt = jax.nn.softplus(normal(b, l, H) - 1.0)
+  A = -jnp.exp(jnp.asarray(rng.uniform(0.0, 1.5, H), jnp.float32))
+  D = normal(H)
+  init = normal(b, H, P, N) if with_init else None
+  x, dt, B, C = (t.astype(dtype) for t in (x, dt, B, C))
+  return (x, dt, A, B, C, D), init
+
+
+def packed_ids(b, l):
+  """[b l] ids. Row 0 changes document at 8, 9, 16, 23 and 30: on chunk boundaries for
+  chunk 8, a one-token document at 8, mid-chunk changes. Row 1 is one document (id 7)."""
+  rows = [np.searchsorted([8, 9, 16, 23, 30], np.arange(l), side="right") + 3, np.full(l, 7)]
+  return jnp.asarray(np.stack(rows[:b]), jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def vjp_fn(impl, chunk_size, with_init, with_seg):
+  """jit of (inputs, cotangents) -> (y, final state, gradients w.r.t. x, dt, A, B, C, D, initial_state)."""
+  def run(args, init, seg, dy, dfinal):
+    def f(*diff):
+      kw = dict(initial_state=diff[6] if with_init else None, segment_ids=seg if with_seg else None)
+      if impl is not ssd_sequential:
+        kw["chunk_size"] = chunk_size
+      return impl(*diff[:6], **kw)
+    (y, final), pullback = jax.vjp(f, *args, init)
+    return y, final, pullback((dy, dfinal))
+  return jax.jit(run)
+
+
+# (b, l, n_groups, chunk, dtype, initial state, segment ids): together they cover
+# ragged and whole-chunk lengths, 1 / 2 / 4 groups, with and without initial
+# state and segments, float32 and bfloat16.
+CASES = {
+    "f32_ragged_groups2_init_segments": (2, 37, 2, 8, jnp.float32, True, True),
+    "f32_whole_chunks_groups1": (1, 32, 1, 16, jnp.float32, False, False),
+    "bf16_ragged_groups4_init_segments": (2, 40, 4, 16, jnp.bfloat16, True, True),
+}
+
+
+def rel_err(actual, expected):
+  """Largest absolute error relative to the largest reference magnitude."""
+  expected = np.asarray(expected, np.float64)
+  return np.max(np.abs(np.asarray(actual, np.float64) - expected)) / max(np.max(np.abs(expected)), 1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_references(case):
+  b, l, g, q, dtype, with_init, with_seg = CASES[case]
+  args, init = make_inputs(b, l, g, dtype, with_init)
+  init = jnp.zeros((b, H, P, N)) if init is None else init
+  seg = packed_ids(b, l)
+  rng = np.random.default_rng(1)
+  dy = jnp.asarray(rng.standard_normal((b, l, H, P)), jnp.float32)
+  dfinal = jnp.asarray(rng.standard_normal((b, H, P, N)), jnp.float32)
+
+  got = vjp_fn(ssd_pallas, q, with_init, with_seg)(args, init, seg, dy, dfinal)
+  # All paths see the same (possibly bf16-rounded) inputs and work in float32, so
+  # y, the final state and float32 gradients differ only by the rounding of
+  # different summation orders: ~1e-6 of the largest value here, checked at 1e-5
+  # and 2e-5. Gradients w.r.t. bf16 inputs come back rounded to bf16, where
+  # nearly equal values can land one step apart: up to 2^-7 of the largest.
+  grad_tol = 2e-5 if dtype == jnp.float32 else 1e-2
+  for ref in (ssd_chunked, ssd_sequential):
+    want = vjp_fn(ref, q, with_init, with_seg)(args, init, seg, dy, dfinal)
+    assert rel_err(got[0], want[0]) < 1e-5, f"y vs {ref.__name__}"
+    assert rel_err(got[1], want[1]) < 1e-5, f"final state vs {ref.__name__}"
+    for name, gg, gw in zip(GRAD_NAMES, got[2], want[2]):
+      if name == "initial_state" and not with_init:
+        continue
+      assert gg.dtype == gw.dtype, name
+      assert rel_err(gg, gw) < grad_tol, f"d{name} vs {ref.__name__}: {rel_err(gg, gw):.2e}"
+
+
+def test_segments_isolate_documents():
+  """With a reset at token 8, outputs from 8 on must not depend on earlier tokens or on the initial state."""
+  (x, dt, A, B, C, D), init = make_inputs(1, 24, 2, jnp.float32, True)
+  seg = jnp.asarray([[0] * 8 + [1] * 16], jnp.int32)
+  run = jax.jit(jax.vmap(
+      lambda x, init: ssd_pallas(x, dt, A, B, C, D, chunk_size=16, initial_state=init, segment_ids=seg)[0]))
+  y = run(jnp.stack([x, x.at[:, :8].set(3.0)]), jnp.stack([init, -init]))
+  np.testing.assert_array_equal(np.asarray(y[0, :, 8:]), np.asarray(y[1, :, 8:]))
+  assert not np.allclose(y[0, :, :8], y[1, :, :8])
+
+
+def test_cuda_export_contains_triton_kernels():
+  b, l, h, p, n, g, q = 1, 32, 4, 16, 16, 2, 16
+  shapes = [(b, l, h, p), (b, l, h), (h,), (b, l, g, n), (b, l, g, n), (h,), (b, h, p, n)]
+  args = [jnp.zeros(s, jnp.float32) for s in shapes] + [jnp.zeros((b, l), jnp.int32)]
+
+  def loss(x, dt, A, B, C, D, init, seg):
+    y, final = ssd_pallas(x, dt, A, B, C, D, chunk_size=q, initial_state=init, segment_ids=seg)
+    return jnp.sum(y**2) + jnp.sum(final**2)
+
+  exported = jax.export.export(
+      jax.jit(jax.grad(loss, argnums=range(7))), platforms=("cuda",),
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  text = exported.mlir_module()
+  assert "__gpu$xla.gpu.triton" in text
+  kernels = set(re.findall(r'name = "(ssd_\w+)"', text))
+  assert kernels == {"ssd_chunk_state", "ssd_state_pass", "ssd_chunk_scan",
+                     "ssd_state_pass_bwd", "ssd_chunk_scan_bwd"}
+
+
+def test_bad_groups_names_the_field():
+  (x, dt, A, B, C, D), _ = make_inputs(1, 8, 1, jnp.float32, False)
+  B3 = jnp.zeros((1, 8, 3, N))
+  with pytest.raises(ValueError, match="n_groups = 3"):
+    ssd_pallas(x, dt, A, B3, B3, D, chunk_size=8)
