@@ -185,8 +185,10 @@ class Trainer:
     params = optax.apply_updates(state.params, updates)
     moe_state = update_expert_bias(state.moe_state, loads,
                                    self.config.model.moe.bias_update_rate)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     metrics = {"loss": loss, "ce": ce, "tokens": count, "grad_norm": optax.tree.norm(grads),
-               "lr": lr_schedule(self.config.train)(state.step), "balance_loss": balance}
+               "lr": lr_schedule(self.config.train)(state.step), "balance_loss": balance,
+               "params_finite": finite.astype(jnp.float32)}
     if loads:
       share = jnp.stack([load / jnp.sum(load) for _, load in loads])  # [layers, experts]
       ideal = 1.0 / share.shape[-1]

@@ -67,7 +67,9 @@ class MetricsLog:
 
 
 def _finite(metrics: dict) -> bool:
-  return all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm"))
+  """Loss, gradient norm and every updated parameter are finite."""
+  return (all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm"))
+          and metrics["params_finite"] == 1.0)
 
 
 def evaluate(trainer: Trainer, state, config, tokenizer, *, max_batches: int) -> dict:
@@ -130,7 +132,8 @@ def run(config, workdir: str) -> dict:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not _finite(values):
           raise NonFiniteLossError(
-              f"step {done}: loss = {values['loss']}, grad_norm = {values['grad_norm']}; "
+              f"step {done}: loss = {values['loss']}, grad_norm = {values['grad_norm']}, "
+              f"parameters finite = {bool(values['params_finite'])}; "
               f"stopping without saving this state (the last checkpoint, if any, is intact). "
               f"Try a lower train.lr (now {t.lr}) or train.grad_clip.")
         now = time.time()
