@@ -20,6 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SSD_IMPLS = ("xla", "pallas", "sequential")
 MOE_IMPLS = ("ragged", "dense")
 POS_EMBS = ("none", "rope")
+RECIPES = ("none", "bf16", "fp8_tensorwise", "fp8_blockwise", "mxfp8", "nvfp4")
 
 
 class ConfigError(ValueError):
@@ -78,6 +79,21 @@ def model_config() -> ml_collections.ConfigDict:
   c.moe.bias_update_rate = 1e-3
   c.moe.balance_loss_coef = 1e-4
   c.moe.impl = "ragged"
+
+  # Low-precision training emulation (nemotron_jax/quant/policy.py).
+  c.precision = ml_collections.ConfigDict()
+  c.precision.recipe = "none"  # none | bf16 | fp8_tensorwise | fp8_blockwise | mxfp8 | nvfp4
+  c.precision.bf16_first_layers = 0
+  c.precision.bf16_last_layers = 0
+  c.precision.bf16_attention = True  # QKV and output projections
+  c.precision.bf16_latent = True  # LatentMoE latent projections
+  c.precision.bf16_mtp = True
+  c.precision.mamba_out_proj = ""  # "": the block's recipe; or a recipe such as "mxfp8"
+  c.precision.quantize_experts = True  # MoE expert GEMMs
+  c.precision.grad_fmt = "e4m3"  # fp8_tensorwise gradients: e4m3 | e5m2
+  c.precision.stochastic_rounding = True  # nvfp4 gradients
+  c.precision.hadamard = True  # nvfp4: 16x16 RHT on the weight-gradient GEMM inputs
+  c.precision.bf16_from_step = 0  # > 0: drop quantisation from this step on
   return c
 
 
@@ -235,6 +251,20 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
 
   if "-" in pattern:
     _positive_int(m.mlp, p + "mlp.", "d_ff")
+
+  q = p + "precision."
+  r = m.precision
+  _choice(r, q, "recipe", RECIPES)
+  if r.mamba_out_proj:
+    _choice(r, q, "mamba_out_proj", RECIPES[1:])
+  _choice(r, q, "grad_fmt", ("e4m3", "e5m2"))
+  for name in ("bf16_first_layers", "bf16_last_layers", "bf16_from_step"):
+    if not isinstance(r[name], int) or r[name] < 0:
+      _fail(q + name, r[name], "expected a non-negative integer")
+  for name in ("bf16_attention", "bf16_latent", "bf16_mtp", "quantize_experts",
+               "stochastic_rounding", "hadamard"):
+    if not isinstance(r[name], bool):
+      _fail(q + name, r[name], "expected True or False")
 
   if "E" in pattern:
     e = m.moe

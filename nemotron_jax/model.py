@@ -7,6 +7,7 @@ moe.latent_size is set). Every block is x + mixer(RMSNorm(x)).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -21,6 +22,7 @@ from nemotron_jax.layers.attention import Attention
 from nemotron_jax.layers.mamba import Mamba2
 from nemotron_jax.layers.mlp import MLP
 from nemotron_jax.layers.moe import MoE
+from nemotron_jax.quant import policy
 
 
 def output_std(cfg) -> float:
@@ -32,9 +34,10 @@ def output_std(cfg) -> float:
 
 
 class Block(nn.Module):
-  """x + mixer(RMSNorm(x)) for one pattern character."""
+  """x + mixer(RMSNorm(x)) for one pattern character; `layer` is its index (None: MTP)."""
   cfg: Any
   kind: str
+  layer: int | None = None
 
   @nn.compact
   def __call__(self, x, segment_ids=None):
@@ -42,14 +45,15 @@ class Block(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     h = basic.RMSNorm(m.norm_eps, basic.dtype_of(m.param_dtype), name="norm")(x)
     out_std = output_std(m)
+    linear = functools.partial(basic.Linear, dot=policy.linear_dot(m, self.layer, self.kind))
     if self.kind == "M":
-      y, _ = Mamba2(m, out_std, name="mixer")(h, segment_ids=segment_ids)
+      y, _ = Mamba2(m, out_std, linear, name="mixer")(h, segment_ids=segment_ids)
     elif self.kind == "*":
-      y = Attention(m, out_std, name="mixer")(h, segment_ids=segment_ids)
+      y = Attention(m, out_std, linear, name="mixer")(h, segment_ids=segment_ids)
     elif self.kind == "-":
-      y = MLP(m, m.mlp.d_ff, out_std, name="mixer")(h)
+      y = MLP(m, m.mlp.d_ff, out_std, linear, name="mixer")(h)
     else:
-      y = MoE(m, out_std, name="mixer")(h)
+      y = MoE(m, out_std, linear, policy.expert_gmm(m, self.layer), name="mixer")(h)
     return x + y.astype(x.dtype)
 
 
@@ -66,7 +70,7 @@ class NemotronH(nn.Module):
     x = jnp.take(embedding, tokens, axis=0).astype(dtype)
     block = nn.remat(Block) if m.remat else Block
     for i, kind in enumerate(m.pattern):
-      x = block(m, kind, name=f"layers_{i}")(x, segment_ids)
+      x = block(m, kind, i, name=f"layers_{i}")(x, segment_ids)
     x = basic.RMSNorm(m.norm_eps, pdtype, name="norm_f")(x)
     logits = basic.Linear(m.vocab_size, ("embed", "vocab"), m.init_std, dtype, pdtype,
                           name="lm_head")(x)

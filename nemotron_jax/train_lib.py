@@ -7,6 +7,7 @@ only through the aux-loss-free update here, never through the optimiser.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -18,8 +19,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+import flax.traverse_util
+import ml_collections
+
 from nemotron_jax import sharding
-from nemotron_jax.model import NemotronH
+from nemotron_jax.model import NemotronH, build_model
+from nemotron_jax.quant import policy
+from nemotron_jax.quant.formats import quant_stats
 
 
 @flax.struct.dataclass
@@ -111,9 +117,22 @@ class Trainer:
     self.tx = make_optimizer(config.train)
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.state_shardings = self._state_shardings()
-    self._train_jit = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                              out_shardings=(self.state_shardings, sharding.replicated(mesh)),
-                              donate_argnums=(0,))
+    step = lambda model: jax.jit(
+        functools.partial(self._train_step, model=model),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    self._train_jit = step(model)
+    p = config.model.precision
+    self.quantized = p.recipe != "none"
+    # Late in training the published recipe drops quantisation: same weights, plain GEMMs.
+    self.late_step = p.bf16_from_step if self.quantized and p.bf16_from_step else None
+    if self.late_step:
+      late = ml_collections.ConfigDict(config.to_dict())
+      late.model.precision.recipe = "none"
+      self._late_train_jit = step(build_model(late))
+    self._stats_jit = jax.jit(self._quant_stats, in_shardings=(
+        self.state_shardings.params, self.state_shardings.moe_state, self.batch_sharding),
+        out_shardings=sharding.replicated(mesh))
     self._eval_jit = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params,
                                                             self.state_shardings.moe_state,
                                                             self.batch_sharding),
@@ -138,9 +157,16 @@ class Trainer:
     return TrainState(step=rep, params=params_sh, opt_state=opt_sh,
                       moe_state=var_shardings.get("moe_state", {}), rng=rep)
 
-  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+  def train_step(self, state: TrainState, batch, step: int | None = None) -> tuple[TrainState, dict]:
+    """One optimiser step; `step` (the state's step) selects the late plain-GEMM phase."""
+    late = self.late_step is not None and step is not None and step >= self.late_step
     with jax.set_mesh(self.mesh):
-      return self._train_jit(state, batch)
+      return (self._late_train_jit if late else self._train_jit)(state, batch)
+
+  def quant_stats(self, state: TrainState, batch) -> dict:
+    """Per quantised tensor: the fractions of values that underflow to zero and saturate."""
+    with jax.set_mesh(self.mesh):
+      return self._stats_jit(state.params, state.moe_state, batch)
 
   def eval_step(self, state: TrainState, batch) -> dict:
     with jax.set_mesh(self.mesh):
@@ -163,20 +189,23 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return jax.jit(self._init_fn, out_shardings=self.state_shardings)(jax.random.PRNGKey(seed))
 
-  def _forward(self, params, moe_state, batch):
-    variables = {"params": params, "moe_state": moe_state}
+  def _forward(self, params, moe_state, batch, *, model=None, rngs=None, extra=None,
+               mutable=("moe_stats",)):
+    variables = {"params": params, "moe_state": moe_state, **(extra or {})}
     with nn.logical_axis_rules(sharding.RULES):
-      logits, stats = self.model.apply(variables, batch["inputs"], batch["segment_ids"],
-                                       mutable=["moe_stats"])
+      logits, stats = (model or self.model).apply(variables, batch["inputs"], batch["segment_ids"],
+                                                  mutable=list(mutable), rngs=rngs)
     ce, total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     loads, balance = moe_stats_summary(stats.get("moe_stats", {}))
-    return ce, total, count, loads, balance
+    return ce, total, count, loads, balance, stats
 
-  def _train_step(self, state: TrainState, batch):
+  def _train_step(self, state: TrainState, batch, *, model):
     coef = self.config.model.moe.balance_loss_coef
+    rngs = {"quant": jax.random.fold_in(state.rng, state.step)}
 
     def loss_fn(params):
-      ce, _, count, loads, balance = self._forward(params, state.moe_state, batch)
+      ce, _, count, loads, balance, _ = self._forward(params, state.moe_state, batch, model=model,
+                                                      rngs=rngs)
       return ce + coef * balance, (ce, count, loads, balance)
 
     (loss, (ce, count, loads, balance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -199,8 +228,30 @@ class Trainer:
     return new_state, metrics
 
   def _eval_step(self, params, moe_state, batch):
-    _, total, count, _, _ = self._forward(params, moe_state, batch)
+    _, total, count, _, _, _ = self._forward(params, moe_state, batch)
     return {"nll_sum": total, "tokens": count}
+
+  def _quant_stats(self, params, moe_state, batch):
+    """Forward operands from the sown statistics; gradients (dy of every quantised linear
+    layer) through zero perturbations of the layer outputs."""
+    *_, cols = self._forward(params, moe_state, batch,
+                             mutable=("moe_stats", "quant_stats", "perturbations"))
+    out = {}
+    for path, values in flax.traverse_util.flatten_dict(cols.get("quant_stats", {})).items():
+      out["quant/" + "/".join(path)] = jnp.mean(jnp.stack(values))
+    perturbations = cols.get("perturbations")
+    if not perturbations:
+      return out
+    grads = jax.grad(lambda pert: self._forward(params, moe_state, batch,
+                                                extra={"perturbations": pert})[0])(perturbations)
+    for path, dy in flax.traverse_util.flatten_dict(grads).items():
+      fmt = policy.grad_format(self.config.model, path[:-1])
+      if fmt is not None:
+        stats = quant_stats(dy, fmt, axis=-1)
+        prefix = "quant/" + "/".join(path[:-1])
+        out[prefix + "/dy_underflow"] = stats["underflow"]
+        out[prefix + "/dy_saturation"] = stats["saturation"]
+    return out
 
   def shard_batch(self, batch: dict) -> dict:
     arrays = {k: np.asarray(v) for k, v in batch.items()}

@@ -125,7 +125,8 @@ def run(config, workdir: str) -> dict:
              desc="train")
   try:
     for step in bar:
-      state, metrics = trainer.train_step(state, trainer.shard_batch(next(train_iter)))
+      batch = trainer.shard_batch(next(train_iter))
+      state, metrics = trainer.train_step(state, batch, step)
       done = step + 1
       save_now = done == t.steps or (config.checkpoint.every and done % config.checkpoint.every == 0)
       if done % t.log_every == 0 or save_now or done == start + 1:
@@ -140,6 +141,9 @@ def run(config, workdir: str) -> dict:
         values["tokens_per_s"] = (done - last_step) * t.batch_size * config.data.seq_len / max(
             now - last_time, 1e-9)
         last_time, last_step = now, done
+        if trainer.quantized:
+          values.update({k: float(v) for k, v in jax.device_get(
+              trainer.quant_stats(state, batch)).items()})
         record = {"step": done, **values}
         history.append(record)
         log.write(record)

@@ -1,5 +1,7 @@
 """The model with the Pallas SSD equals the XLA path, and its train step lowers for CUDA."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +36,7 @@ def test_train_step_with_pallas_lowers_for_cuda():
   batch = {"inputs": spec, "targets": spec, "segment_ids": spec,
            "loss_mask": jax.ShapeDtypeStruct((2, 16), jnp.float32)}
   exported = jax.export.export(
-      jax.jit(trainer._train_step), platforms=("cuda",),
+      jax.jit(functools.partial(trainer._train_step, model=trainer.model)), platforms=("cuda",),
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
   )(state, batch)
   text = exported.mlir_module()

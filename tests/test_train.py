@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import TEST_XLA_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "tests", "run_config.py")
 
@@ -22,7 +24,7 @@ def command(workdir, *extra):
 
 def environment(devices):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
   return env
 
 

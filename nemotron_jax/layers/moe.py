@@ -66,7 +66,13 @@ def balance_loss(scores, load, top_k: int):
   return jnp.sum(f * p)
 
 
-def ragged_experts(x, weights, experts, up, down, *, gmm: Callable = jax.lax.ragged_dot):
+def plain_gmm(x, w, group_sizes, name=None):
+  """jax.lax.ragged_dot with the signature of the low-precision `gmm` hook."""
+  del name
+  return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def ragged_experts(x, weights, experts, up, down, *, gmm: Callable = plain_gmm):
   """Dropless experts. x [t d], weights/experts [t k], up [e d f], down [e f d] -> [t d] float32."""
   t, k = experts.shape
   num_experts = up.shape[0]
@@ -74,13 +80,13 @@ def ragged_experts(x, weights, experts, up, down, *, gmm: Callable = jax.lax.rag
   order = jnp.argsort(flat, stable=True)
   token = order // k
   sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  h = relu2(gmm(x[token], up, sizes))
-  out = gmm(h.astype(x.dtype), down, sizes).astype(jnp.float32)
+  h = relu2(gmm(x[token], up, sizes, "up"))
+  out = gmm(h.astype(x.dtype), down, sizes, "down").astype(jnp.float32)
   out = out * weights.reshape(-1)[order][:, None]
   return jnp.zeros((t, out.shape[-1]), jnp.float32).at[token].add(out)
 
 
-def expert_parallel_experts(x, weights, experts, up, down, *, gmm: Callable = jax.lax.ragged_dot):
+def expert_parallel_experts(x, weights, experts, up, down, *, gmm: Callable = plain_gmm):
   """`ragged_experts` with experts split over the mesh's `expert` axis (same shapes, global).
 
   Under `shard_map`, each shard sends every token copy to the shard that holds
@@ -107,8 +113,8 @@ def expert_parallel_experts(x, weights, experts, up, down, *, gmm: Callable = ja
     ids = jax.lax.all_to_all(send_id, "expert", 0, 0).reshape(-1)
     by_expert = jnp.argsort(ids, stable=True)
     sizes = jnp.bincount(ids, length=local_experts).astype(jnp.int32)
-    h = relu2(gmm(rows[by_expert], up, sizes))
-    out = gmm(h.astype(x.dtype), down, sizes)
+    h = relu2(gmm(rows[by_expert], up, sizes, "up"))
+    out = gmm(h.astype(x.dtype), down, sizes, "down")
     out = jnp.zeros_like(out).at[by_expert].set(out).reshape(ep, t * k, -1)
     back = jax.lax.all_to_all(out, "expert", 0, 0)[dest, pos].astype(jnp.float32)
     back = back * weights.reshape(-1)[order][:, None]
@@ -134,7 +140,8 @@ class MoE(nn.Module):
   cfg: Any
   out_std: float
   linear: Any = basic.Linear
-  gmm: Callable | None = None  # grouped matmul override for low-precision recipes
+  # Low-precision hook: (module, h, up, down) -> gmm(x, w, group_sizes, name).
+  gmm: Callable | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -163,7 +170,7 @@ class MoE(nn.Module):
     down = basic.param_with_axes(self, "experts_down", nn.initializers.normal(self.out_std),
                                  (e.num_experts, e.d_ff, width), pdtype, ("exp", "expert_mlp", axis))
     h, up, down = h.astype(dtype), up.astype(dtype), down.astype(dtype)
-    gmm = self.gmm or jax.lax.ragged_dot
+    gmm = self.gmm(self, h, up, down) if self.gmm else plain_gmm
     if e.impl == "dense":
       routed = dense_experts(h, weights, experts, up, down)
     elif sharding.expert_axis_size() > 1:
