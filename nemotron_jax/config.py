@@ -18,7 +18,7 @@ from ml_collections import config_dict
 MIXER_CHARS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 DTYPES = ("float32", "bfloat16", "float16")
 SSD_IMPLS = ("xla", "pallas", "sequential")
-MOE_IMPLS = ("ragged", "dense")
+MOE_IMPLS = ("auto", "ragged", "blocked", "dense")
 POS_EMBS = ("none", "rope")
 RECIPES = ("none", "bf16", "fp8_tensorwise", "fp8_blockwise", "mxfp8", "nvfp4")
 
@@ -78,7 +78,21 @@ def model_config() -> ml_collections.ConfigDict:
   c.moe.latent_size = config_dict.placeholder(int)  # None: standard MoE.
   c.moe.bias_update_rate = 1e-3
   c.moe.balance_loss_coef = 1e-4
-  c.moe.impl = "ragged"
+  c.moe.impl = "auto"  # auto (blocked on CPU, ragged elsewhere) | ragged | blocked | dense
+
+  # Multi-token prediction: depth k predicts the token k + 1 ahead from the
+  # previous depth's output and the embedding of token t + k (NEMOTRON.md section 2).
+  c.mtp = ml_collections.ConfigDict()
+  c.mtp.num_depths = 0  # 0: no MTP head
+  c.mtp.pattern = "*E"  # the layers of one MTP block, as in `pattern`
+  c.mtp.share_weights = True  # one physical block applied at every depth
+  c.mtp.loss_scale = 0.3  # weight of the summed MTP losses, divided by num_depths
+
+  # Inference caches (generate.py): KV cache and Mamba conv state in `cache_dtype`,
+  # the SSM state in `ssm_state_dtype`.
+  c.generation = ml_collections.ConfigDict()
+  c.generation.cache_dtype = config_dict.placeholder(str)  # None: model.compute_dtype
+  c.generation.ssm_state_dtype = "float32"
 
   # Low-precision training emulation (nemotron_jax/quant/policy.py).
   c.precision = ml_collections.ConfigDict()
@@ -296,6 +310,39 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
       if e[name] < 0:
         _fail(q + name, e[name], "expected a non-negative number")
     _choice(e, q, "impl", MOE_IMPLS)
+
+  _validate_mtp(m)
+  _validate_generation(m)
+
+
+def _validate_mtp(m: ml_collections.ConfigDict) -> None:
+  q = "model.mtp."
+  t = m.mtp
+  if not isinstance(t.num_depths, int) or isinstance(t.num_depths, bool) or t.num_depths < 0:
+    _fail(q + "num_depths", t.num_depths, "expected 0 (no MTP head) or a positive number of depths")
+  if not isinstance(t.share_weights, bool):
+    _fail(q + "share_weights", t.share_weights, "expected True or False")
+  if (isinstance(t.loss_scale, bool) or not isinstance(t.loss_scale, (int, float))
+      or t.loss_scale < 0):
+    _fail(q + "loss_scale", t.loss_scale, "expected a non-negative number")
+  if not t.num_depths:
+    return
+  if not isinstance(t.pattern, str) or not t.pattern or any(ch not in MIXER_CHARS for ch in t.pattern):
+    _fail(q + "pattern", t.pattern,
+          "expected a non-empty string of layer characters "
+          + ", ".join(f"'{k}' ({v})" for k, v in MIXER_CHARS.items()))
+  # The MTP layers read the same mixer sections as the main layers: check those they use.
+  block = ml_collections.ConfigDict(m.to_dict())
+  block.pattern = t.pattern
+  block.mtp.num_depths = 0
+  validate_model(block)
+
+
+def _validate_generation(m: ml_collections.ConfigDict) -> None:
+  g = m.generation
+  if g.cache_dtype is not None:
+    _choice(g, "model.generation.", "cache_dtype", DTYPES)
+  _choice(g, "model.generation.", "ssm_state_dtype", DTYPES)
 
 
 def validate_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) -> None:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _BLOCK_TYPES = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
                 "mlp": "-", "moe": "E"}
 _BLOCK_NAMES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+_HUB_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
               "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
@@ -173,6 +174,24 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   e.topk_group = _get(hf, "topk_group", default=1)
   e.norm_topk_prob = bool(_get(hf, "norm_topk_prob", default=True))
   e.latent_size = hf.get("moe_latent_size")
+  blocks = _get(hf, "num_nextn_predict_layers", default=0)
+  if blocks:
+    kinds = _get(hf, "mtp_layers_block_type")
+    if kinds:
+      unknown = sorted({t for t in kinds if t not in _BLOCK_TYPES})
+      if unknown:
+        raise CheckpointError(f"config.json mtp_layers_block_type has unknown types {unknown}; "
+                              f"valid: {sorted(_BLOCK_TYPES)}")
+      m.mtp.pattern = "".join(_BLOCK_TYPES[t] for t in kinds)
+    else:
+      m.mtp.pattern = _get(hf, "mtp_hybrid_override_pattern", default=m.mtp.pattern)
+    # The hub config counts physical blocks; how many depths a shared block serves is ours.
+    depths = _get(hf, "mtp_num_depths", default=blocks)
+    if blocks > 1 and depths != blocks:
+      raise CheckpointError(f"config.json has {blocks} MTP blocks but mtp_num_depths = {depths}; "
+                            "unshared blocks serve one depth each")
+    m.mtp.num_depths = depths
+    m.mtp.share_weights = blocks == 1
   config_lib.validate_model(m)
   return c
 
@@ -196,9 +215,7 @@ def config_to_hf(config) -> dict:
       "model_type": "nemotron_h",
       "vocab_size": m.vocab_size,
       "hidden_size": m.d_model,
-      "layers_block_type": [
-          {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}[ch]
-          for ch in m.pattern],
+      "layers_block_type": [_HUB_TYPES[ch] for ch in m.pattern],
       "tie_word_embeddings": False,
       "layer_norm_epsilon": m.norm_eps,
       "initializer_range": m.init_std,
@@ -229,8 +246,17 @@ def config_to_hf(config) -> dict:
       "use_bias": False,
       "mlp_bias": False,
       "use_conv_bias": True,
-      "num_nextn_predict_layers": 0,
+      **_mtp_to_hf(m),
   }
+
+
+def _mtp_to_hf(m) -> dict:
+  t = m.mtp
+  if not t.num_depths:
+    return {"num_nextn_predict_layers": 0}
+  return {"num_nextn_predict_layers": 1 if t.share_weights else t.num_depths,
+          "mtp_layers_block_type": [_HUB_TYPES[ch] for ch in t.pattern],
+          "mtp_num_depths": t.num_depths}
 
 
 # --- tensor layout --------------------------------------------------------------------------
@@ -242,47 +268,70 @@ class Part(NamedTuple):
   expert: int | None = None  # index into a stacked [experts, ...] parameter
 
 
+def _block_layout(m, kind: str, hub: str, path: tuple) -> dict[str, list[Part]]:
+  """Hub tensors of one block: `hub` is its hub prefix, `path` its module path in ours."""
+  ours = ("params",) + path
+  mix = ours + ("mixer",)
+  out = {f"{hub}.norm.weight": [Part(ours + ("norm", "weight"), "id")]}
+  lin = lambda name: Part(mix + (name, "kernel"), "T")
+  if kind == "M":
+    out[f"{hub}.mixer.in_proj.weight"] = [lin(f"in_proj_{n}") for n in ("z", "x", "B", "C", "dt")]
+    out[f"{hub}.mixer.conv1d.weight"] = [Part(mix + (f"conv_{n}_weight",), "conv")
+                                        for n in ("x", "B", "C")]
+    out[f"{hub}.mixer.conv1d.bias"] = [Part(mix + (f"conv_{n}_bias",), "id")
+                                      for n in ("x", "B", "C")]
+    for name in ("A_log", "D", "dt_bias"):
+      out[f"{hub}.mixer.{name}"] = [Part(mix + (name,), "id")]
+    out[f"{hub}.mixer.norm.weight"] = [Part(mix + ("norm", "weight"), "id")]
+    out[f"{hub}.mixer.out_proj.weight"] = [lin("out_proj")]
+  elif kind == "*":
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+      out[f"{hub}.mixer.{name}.weight"] = [lin(name)]
+  elif kind == "-":
+    for name in ("up_proj", "down_proj"):
+      out[f"{hub}.mixer.{name}.weight"] = [lin(name)]
+  else:
+    e = m.moe
+    out[f"{hub}.mixer.gate.weight"] = [Part(mix + ("router",), "T")]
+    out[f"{hub}.mixer.gate.e_score_correction_bias"] = [
+        Part(("moe_state",) + path + ("mixer", "e_score_correction_bias"), "id")]
+    for j in range(e.num_experts):
+      out[f"{hub}.mixer.experts.{j}.up_proj.weight"] = [Part(mix + ("experts_up",), "T", j)]
+      out[f"{hub}.mixer.experts.{j}.down_proj.weight"] = [Part(mix + ("experts_down",), "T", j)]
+    if e.shared_d_ff:
+      for name in ("up_proj", "down_proj"):
+        out[f"{hub}.mixer.shared_experts.{name}.weight"] = [
+            Part(mix + ("shared_experts", name, "kernel"), "T")]
+    if e.latent_size is not None:
+      for name in ("fc1_latent_proj", "fc2_latent_proj"):
+        out[f"{hub}.mixer.{name}.weight"] = [lin(name)]
+  return out
+
+
 def _layout(m) -> dict[str, list[Part]]:
-  """Hub tensor name -> the parts it concatenates (along its first axis), in order."""
+  """Hub tensor name -> the parts it concatenates (along its first axis), in order.
+
+  MTP blocks follow the Nemotron 3 hub layout: `mtp.layers.{i}` numbers the
+  layers of every physical block in turn; a block's first layer also holds
+  enorm, hnorm and eh_proj, its last the final_layernorm.
+  """
   out = {"backbone.embeddings.weight": [Part(("params", "embedding"), "id")],
          "backbone.norm_f.weight": [Part(("params", "norm_f", "weight"), "id")],
          "lm_head.weight": [Part(("params", "lm_head", "kernel"), "T")]}
   for i, kind in enumerate(m.pattern):
-    hub = f"backbone.layers.{i}"
-    ours = ("params", f"layers_{i}")
-    mix = ours + ("mixer",)
-    out[f"{hub}.norm.weight"] = [Part(ours + ("norm", "weight"), "id")]
-    lin = lambda name: Part(mix + (name, "kernel"), "T")
-    if kind == "M":
-      out[f"{hub}.mixer.in_proj.weight"] = [lin(f"in_proj_{n}") for n in ("z", "x", "B", "C", "dt")]
-      out[f"{hub}.mixer.conv1d.weight"] = [Part(mix + (f"conv_{n}_weight",), "conv")
-                                          for n in ("x", "B", "C")]
-      out[f"{hub}.mixer.conv1d.bias"] = [Part(mix + (f"conv_{n}_bias",), "id") for n in ("x", "B", "C")]
-      for name in ("A_log", "D", "dt_bias"):
-        out[f"{hub}.mixer.{name}"] = [Part(mix + (name,), "id")]
-      out[f"{hub}.mixer.norm.weight"] = [Part(mix + ("norm", "weight"), "id")]
-      out[f"{hub}.mixer.out_proj.weight"] = [lin("out_proj")]
-    elif kind == "*":
-      for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        out[f"{hub}.mixer.{name}.weight"] = [lin(name)]
-    elif kind == "-":
-      for name in ("up_proj", "down_proj"):
-        out[f"{hub}.mixer.{name}.weight"] = [lin(name)]
-    else:
-      e = m.moe
-      out[f"{hub}.mixer.gate.weight"] = [Part(mix + ("router",), "T")]
-      out[f"{hub}.mixer.gate.e_score_correction_bias"] = [
-          Part(("moe_state", f"layers_{i}", "mixer", "e_score_correction_bias"), "id")]
-      for j in range(e.num_experts):
-        out[f"{hub}.mixer.experts.{j}.up_proj.weight"] = [Part(mix + ("experts_up",), "T", j)]
-        out[f"{hub}.mixer.experts.{j}.down_proj.weight"] = [Part(mix + ("experts_down",), "T", j)]
-      if e.shared_d_ff:
-        for name in ("up_proj", "down_proj"):
-          out[f"{hub}.mixer.shared_experts.{name}.weight"] = [
-              Part(mix + ("shared_experts", name, "kernel"), "T")]
-      if e.latent_size is not None:
-        for name in ("fc1_latent_proj", "fc2_latent_proj"):
-          out[f"{hub}.mixer.{name}.weight"] = [lin(name)]
+    out.update(_block_layout(m, kind, f"backbone.layers.{i}", (f"layers_{i}",)))
+  t = m.mtp
+  blocks = (1 if t.share_weights else t.num_depths) if t.num_depths else 0
+  for j in range(blocks):
+    first, last = j * len(t.pattern), (j + 1) * len(t.pattern) - 1
+    block = ("params", f"mtp_{j}")
+    for name in ("enorm", "hnorm"):
+      out[f"mtp.layers.{first}.{name}.weight"] = [Part(block + (name, "weight"), "id")]
+    out[f"mtp.layers.{first}.eh_proj.weight"] = [Part(block + ("eh_proj", "kernel"), "T")]
+    out[f"mtp.layers.{last}.final_layernorm.weight"] = [
+        Part(block + ("final_layernorm", "weight"), "id")]
+    for i, kind in enumerate(t.pattern):
+      out.update(_block_layout(m, kind, f"mtp.layers.{first + i}", (f"mtp_{j}", f"layers_{i}")))
   return out
 
 
@@ -350,9 +399,15 @@ def load_checkpoint(path: str, *, dtype: str = "float32"):
   config.model.compute_dtype = dtype
   tensors = _read_all(path)
   mtp = sorted(k for k in tensors if k.startswith("mtp."))
-  if mtp:
-    log.warning("%d MTP tensors (mtp.*) are not loaded: this model has no MTP head", len(mtp))
+  if mtp and not config.model.mtp.num_depths:
+    log.warning("%d MTP tensors (mtp.*) are not loaded: config.json declares no MTP layers "
+                "(num_nextn_predict_layers)", len(mtp))
     tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
+  if config.model.mtp.num_depths and not mtp:
+    # transformers' save_pretrained keeps the MTP config but has no MTP weights to save.
+    log.warning("config.json declares MTP layers but the checkpoint holds no mtp.* tensors: "
+                "loading without the MTP head")
+    config.model.mtp.num_depths = 0
 
   layout = _layout(config.model)
   expected = hub_shapes(config)

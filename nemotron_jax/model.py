@@ -1,8 +1,19 @@
 """The hybrid model: embedding, one pre-norm residual block per pattern character,
-final RMSNorm, untied LM head.
+final RMSNorm, untied LM head, and an optional multi-token prediction (MTP) head.
 
 Pattern characters: M Mamba-2, * attention, - MLP, E MoE (LatentMoE when
 moe.latent_size is set). Every block is x + mixer(RMSNorm(x)).
+
+MTP (model.mtp, NEMOTRON.md section 2): depth k at position t reads the
+previous depth's output h (depth 1: the decoder output after norm_f) and the
+embedding of token t + k: eh_proj([enorm(embed); hnorm(h)]) -> the blocks of
+`mtp.pattern` -> final_layernorm -> the shared LM head, predicting token
+t + k + 1. One physical block serves every depth when `mtp.share_weights`.
+
+Caches for generation: `forward` without caches runs the whole sequence and
+returns each layer's cache (attention keys/values, the final Mamba state);
+with caches it appends a few tokens per row at slots `index` (see
+Attention and Mamba2 for the per-layer contracts).
 """
 
 from __future__ import annotations
@@ -34,47 +45,124 @@ def output_std(cfg) -> float:
 
 
 class Block(nn.Module):
-  """x + mixer(RMSNorm(x)) for one pattern character; `layer` is its index (None: MTP)."""
+  """x + mixer(RMSNorm(x)) for one pattern character; `layer` is its index (None: MTP).
+
+  __call__(x [b l d], segment_ids, cache, start, index) -> (x, the mixer's
+  cache: KVCache, MambaState, or None for MLP and MoE). `index` (the first
+  slot of x per row) switches attention and Mamba to cached decoding.
+  """
   cfg: Any
   kind: str
   layer: int | None = None
 
   @nn.compact
-  def __call__(self, x, segment_ids=None):
+  def __call__(self, x, segment_ids=None, cache=None, start=None, index=None):
     m = self.cfg
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     h = basic.RMSNorm(m.norm_eps, basic.dtype_of(m.param_dtype), name="norm")(x)
     out_std = output_std(m)
     linear = functools.partial(basic.Linear, dot=policy.linear_dot(m, self.layer, self.kind))
     if self.kind == "M":
-      y, _ = Mamba2(m, out_std, linear, name="mixer")(h, segment_ids=segment_ids)
+      y, cache = Mamba2(m, out_std, linear, name="mixer")(h, segment_ids=segment_ids, state=cache,
+                                                           decode=index is not None)
     elif self.kind == "*":
-      y = Attention(m, out_std, linear, name="mixer")(h, segment_ids=segment_ids)
+      y, cache = Attention(m, out_std, linear, name="mixer")(h, segment_ids=segment_ids,
+                                                              cache=cache, start=start, index=index)
     elif self.kind == "-":
       y = MLP(m, m.mlp.d_ff, out_std, linear, name="mixer")(h)
     else:
       y = MoE(m, out_std, linear, policy.expert_gmm(m, self.layer), name="mixer")(h)
-    return x + y.astype(x.dtype)
+    return x + y.astype(x.dtype), cache
+
+
+def run_blocks(layers, x, segment_ids, caches, start, index):
+  """Applies blocks in order; returns (x, tuple of their caches)."""
+  out = []
+  for i, layer in enumerate(layers):
+    x, cache = layer(x, segment_ids, None if caches is None else caches[i], start, index)
+    out.append(cache)
+  return x, tuple(out)
+
+
+class MTPBlock(nn.Module):
+  """One physical MTP block. (h [b l d], embedded next tokens [b l d]) -> (h [b l d], caches)."""
+  cfg: Any
+
+  def setup(self):
+    m = self.cfg
+    dtype, pdtype = basic.dtype_of(m.compute_dtype), basic.dtype_of(m.param_dtype)
+    self.enorm = basic.RMSNorm(m.norm_eps, pdtype)
+    self.hnorm = basic.RMSNorm(m.norm_eps, pdtype)
+    # Its input is [embedding; hidden], so only the output axis is the model width.
+    self.eh_proj = basic.Linear(m.d_model, (None, "embed"), m.init_std, dtype, pdtype)
+    block = nn.remat(Block) if m.remat else Block
+    self.layers = [block(m, kind) for kind in m.mtp.pattern]
+    self.final_layernorm = basic.RMSNorm(m.norm_eps, pdtype)
+
+  def __call__(self, h, emb, segment_ids=None, caches=None, start=None, index=None):
+    x = self.eh_proj(jnp.concatenate([self.enorm(emb), self.hnorm(h)], -1))
+    x, caches = run_blocks(self.layers, x, segment_ids, caches, start, index)
+    return self.final_layernorm(x), caches
 
 
 class NemotronH(nn.Module):
   """tokens [b l] int32 (and optional segment ids [b l]) -> logits [b l vocab] float32."""
   cfg: Any  # FrozenConfigDict of the model section
 
-  @nn.compact
-  def __call__(self, tokens, segment_ids=None):
+  def setup(self):
     m = self.cfg
     dtype, pdtype = basic.dtype_of(m.compute_dtype), basic.dtype_of(m.param_dtype)
-    embedding = basic.param_with_axes(self, "embedding", nn.initializers.normal(m.init_std),
-                                      (m.vocab_size, m.d_model), pdtype, ("vocab", "embed"))
-    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    self.embedding = basic.param_with_axes(self, "embedding", nn.initializers.normal(m.init_std),
+                                           (m.vocab_size, m.d_model), pdtype, ("vocab", "embed"))
     block = nn.remat(Block) if m.remat else Block
-    for i, kind in enumerate(m.pattern):
-      x = block(m, kind, i, name=f"layers_{i}")(x, segment_ids)
-    x = basic.RMSNorm(m.norm_eps, pdtype, name="norm_f")(x)
-    logits = basic.Linear(m.vocab_size, ("embed", "vocab"), m.init_std, dtype, pdtype,
-                          name="lm_head")(x)
-    return logits.astype(jnp.float32)
+    self.layers = [block(m, kind, i) for i, kind in enumerate(m.pattern)]
+    self.norm_f = basic.RMSNorm(m.norm_eps, pdtype)
+    self.lm_head = basic.Linear(m.vocab_size, ("embed", "vocab"), m.init_std, dtype, pdtype)
+    blocks = 1 if m.mtp.share_weights else m.mtp.num_depths
+    self.mtp = [MTPBlock(m) for _ in range(blocks if m.mtp.num_depths else 0)]
+
+  def __call__(self, tokens, segment_ids=None, *, mtp: bool = False):
+    """With mtp=True: (logits, [MTP logits of depth 1, 2, ...]); see `mtp_logits`."""
+    h, _ = self.forward(tokens, segment_ids)
+    logits = self.head(h)
+    # init runs only __call__, so it visits the MTP head even when not asked for.
+    if not (mtp or (self.mtp and self.is_initializing())):
+      return logits
+    extra = self.mtp_logits(h, tokens, segment_ids)
+    return (logits, extra) if mtp else logits
+
+  def embed(self, tokens):
+    return jnp.take(self.embedding, tokens, axis=0).astype(basic.dtype_of(self.cfg.compute_dtype))
+
+  def head(self, h):
+    """Hidden states after a final norm [.. d] -> logits [.. vocab] float32."""
+    return self.lm_head(h).astype(jnp.float32)
+
+  def forward(self, tokens, segment_ids=None, caches=None, start=None, index=None):
+    """-> (hidden after norm_f [b l d], per-layer caches). See the module docstring."""
+    x, caches = run_blocks(self.layers, self.embed(tokens), segment_ids, caches, start, index)
+    return self.norm_f(x), caches
+
+  def mtp_depth(self, depth: int, h, next_tokens, segment_ids=None, caches=None, start=None,
+                index=None):
+    """MTP depth `depth` (from 1): h [b l d] (the previous depth's output) and next_tokens [b l]
+    (token t + depth at position t) -> (hidden [b l d], caches); logits come from `head`."""
+    block = self.mtp[0 if self.cfg.mtp.share_weights else depth - 1]
+    return block(h, self.embed(next_tokens), segment_ids, caches, start, index)
+
+  def mtp_logits(self, h, tokens, segment_ids=None):
+    """Training: logits [b l vocab] of each depth k, predicting token t + k + 1 at position t.
+
+    Past the end of the row the next tokens are unknown (zeros); those
+    positions, and those whose next tokens lie in another document, must be
+    masked by the loss.
+    """
+    out = []
+    for k in range(1, self.cfg.mtp.num_depths + 1):
+      shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
+      h, _ = self.mtp_depth(k, h, shifted, segment_ids)
+      out.append(self.head(h))
+    return out
 
 
 def build_model(config: ml_collections.ConfigDict) -> NemotronH:

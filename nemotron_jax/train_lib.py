@@ -90,12 +90,37 @@ def cross_entropy(logits, targets, mask):
   return total / jnp.maximum(count, 1.0), total, count
 
 
+def mtp_targets(batch, depth: int):
+  """Targets and mask [b l] of MTP depth k: at position t, token t + k + 1 if in t's document."""
+  targets, mask, seg = batch["targets"], batch["loss_mask"], batch["segment_ids"]
+  shift = lambda x: jnp.pad(x[:, depth:], ((0, 0), (0, depth)))
+  same_doc = shift(seg) == seg
+  return shift(targets), shift(mask) * same_doc.astype(mask.dtype)
+
+
+def accuracy(logits, targets, mask):
+  """Masked share of positions whose argmax is the target."""
+  hit = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  return jnp.sum(hit * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _moe_layers(stats, path=()):
+  """(path to a MoE block, its stats) in model order: main layers, then MTP blocks."""
+  order = lambda name: (name.startswith("mtp"), int(name.split("_")[1]))
+  for name in sorted((n for n in stats if n != "mixer"), key=order):
+    sub = stats[name]
+    if "mixer" in sub:
+      yield path + (name,), sub["mixer"]
+    else:
+      yield from _moe_layers(sub, path + (name,))
+
+
 def moe_stats_summary(stats) -> tuple[list, jax.Array]:
-  """Per-layer loads (in layer order) and the summed balancing loss from `moe_stats`."""
+  """Per-layer loads (paths such as ("layers_3",) or ("mtp_0", "layers_1")) and the summed
+  balancing loss."""
   loads, balance = [], jnp.zeros((), jnp.float32)
-  for name in sorted(stats, key=lambda n: int(n.split("_")[1])):
-    layer = stats[name]["mixer"]
-    loads.append((name, sum(layer["load"])))
+  for path, layer in _moe_layers(stats):
+    loads.append((path, sum(layer["load"])))
     balance = balance + sum(layer["balance_loss"])
   return loads, balance
 
@@ -103,9 +128,12 @@ def moe_stats_summary(stats) -> tuple[list, jax.Array]:
 def update_expert_bias(moe_state, loads, rate: float):
   """bias_i += rate * sign(mean load - load_i): under-loaded experts become likelier."""
   new = jax.tree.map(lambda x: x, moe_state)
-  for name, load in loads:
-    bias = moe_state[name]["mixer"]["e_score_correction_bias"]
-    new[name]["mixer"]["e_score_correction_bias"] = bias + rate * jnp.sign(jnp.mean(load) - load)
+  for path, load in loads:
+    old, dst = moe_state, new
+    for name in path:
+      old, dst = old[name], dst[name]
+    bias = old["mixer"]["e_score_correction_bias"]
+    dst["mixer"]["e_score_correction_bias"] = bias + rate * jnp.sign(jnp.mean(load) - load)
   return new
 
 
@@ -189,27 +217,39 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return jax.jit(self._init_fn, out_shardings=self.state_shardings)(jax.random.PRNGKey(seed))
 
-  def _forward(self, params, moe_state, batch, *, model=None, rngs=None, extra=None,
-               mutable=("moe_stats",)):
+  def _forward(self, params, moe_state, batch, *, mtp: bool = False, model=None, rngs=None,
+               extra=None, mutable=("moe_stats",)):
+    """Main cross-entropy terms, MoE stats, with `mtp` the per-depth MTP (ce, accuracy), and
+    the mutable collections."""
     variables = {"params": params, "moe_state": moe_state, **(extra or {})}
+    mtp = mtp and self.config.model.mtp.num_depths > 0
     with nn.logical_axis_rules(sharding.RULES):
-      logits, stats = (model or self.model).apply(variables, batch["inputs"], batch["segment_ids"],
-                                                  mutable=list(mutable), rngs=rngs)
+      out, stats = (model or self.model).apply(variables, batch["inputs"], batch["segment_ids"],
+                                                mtp=mtp, mutable=list(mutable), rngs=rngs)
+    logits, mtp_logits = out if mtp else (out, [])
     ce, total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     loads, balance = moe_stats_summary(stats.get("moe_stats", {}))
-    return ce, total, count, loads, balance, stats
+    depths = []
+    for k, depth_logits in enumerate(mtp_logits, start=1):
+      targets, mask = mtp_targets(batch, k)
+      depths.append((cross_entropy(depth_logits, targets, mask)[0],
+                     accuracy(depth_logits, targets, mask)))
+    return ce, total, count, loads, balance, depths, stats
 
   def _train_step(self, state: TrainState, batch, *, model):
     coef = self.config.model.moe.balance_loss_coef
+    t = self.config.model.mtp
     rngs = {"quant": jax.random.fold_in(state.rng, state.step)}
 
     def loss_fn(params):
-      ce, _, count, loads, balance, _ = self._forward(params, state.moe_state, batch, model=model,
-                                                      rngs=rngs)
-      return ce + coef * balance, (ce, count, loads, balance)
+      ce, _, count, loads, balance, depths, _ = self._forward(
+          params, state.moe_state, batch, mtp=True, model=model, rngs=rngs)
+      mtp_loss = (t.loss_scale / t.num_depths * sum(d[0] for d in depths) if depths
+                  else jnp.zeros((), jnp.float32))
+      return ce + mtp_loss + coef * balance, (ce, count, loads, balance, mtp_loss, depths)
 
-    (loss, (ce, count, loads, balance)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (ce, count, loads, balance, mtp_loss, depths)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     moe_state = update_expert_bias(state.moe_state, loads,
@@ -218,6 +258,10 @@ class Trainer:
     metrics = {"loss": loss, "ce": ce, "tokens": count, "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(self.config.train)(state.step), "balance_loss": balance,
                "params_finite": finite.astype(jnp.float32)}
+    if depths:
+      metrics["mtp_loss"] = mtp_loss
+      for k, (depth_ce, depth_acc) in enumerate(depths, start=1):
+        metrics[f"mtp_ce_{k}"], metrics[f"mtp_acc_{k}"] = depth_ce, depth_acc
     if loads:
       share = jnp.stack([load / jnp.sum(load) for _, load in loads])  # [layers, experts]
       ideal = 1.0 / share.shape[-1]
@@ -228,7 +272,7 @@ class Trainer:
     return new_state, metrics
 
   def _eval_step(self, params, moe_state, batch):
-    _, total, count, _, _, _ = self._forward(params, moe_state, batch)
+    _, total, count, *_ = self._forward(params, moe_state, batch)
     return {"nll_sum": total, "tokens": count}
 
   def _quant_stats(self, params, moe_state, batch):

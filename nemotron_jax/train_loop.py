@@ -8,14 +8,13 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from nemotron_jax import data as data_lib
 from nemotron_jax import sharding
 from nemotron_jax.checkpoint import Checkpointer
-from nemotron_jax.generate import sample_tokens
+from nemotron_jax.generate import generate
 from nemotron_jax.model import build_model
 from nemotron_jax.train_lib import Trainer
 
@@ -165,10 +164,10 @@ def run(config, workdir: str) -> dict:
                    if tokenizer is not None else {})
     if tokenizer is not None and t.sample_tokens and jax.process_index() == 0:
       variables = jax.device_get({"params": state.params, "moe_state": state.moe_state})
-      prompt = jnp.asarray(tokenizer.encode("def "), jnp.int32)
-      out = sample_tokens(model, variables, prompt, t.sample_tokens, rng=jax.random.PRNGKey(0),
-                          temperature=0.8, top_k=40)
-      summary["sample"] = tokenizer.decode(np.asarray(out))
+      prompt = tokenizer.encode("def ")
+      out = generate(model, variables, [prompt], t.sample_tokens, greedy=False, temperature=0.8,
+                     top_k=40, rng=jax.random.PRNGKey(0))
+      summary["sample"] = tokenizer.decode(np.concatenate([prompt, out.to_lists()[0]]))
   ckpt.close()
   if jax.process_index() == 0:
     report = {k: v for k, v in summary.items() if k != "sample"}

@@ -28,7 +28,8 @@ def causal_conv1d(x, weight, bias, *, initial_state=None, segment_ids=None):
 
   Returns (out [b l c], final_state [b k-1 c]). Inputs from another segment
   than the output position contribute nothing; the initial state belongs to
-  the first token's segment.
+  the first token's segment, the final state to the last token's (inputs of
+  earlier segments in it are zeroed, as at the start of a sequence).
   """
   k = weight.shape[0]
   b, l, c = x.shape
@@ -44,7 +45,25 @@ def causal_conv1d(x, weight, bias, *, initial_state=None, segment_ids=None):
       tap = tap * (segp[:, i:i + l] == segment_ids)[..., None]
     out = out + tap
   out = out + bias.astype(jnp.float32)
-  return out.astype(x.dtype), xp[:, l:]
+  final = xp[:, l:]
+  if segment_ids is not None:
+    final = final * (segp[:, l:] == segment_ids[:, -1:])[..., None].astype(final.dtype)
+  return out.astype(x.dtype), final
+
+
+def ssd_decode(x, dt, A, B, C, D, *, initial_state):
+  """The recurrence one token at a time (`ssd_decode_step`), for a few new tokens.
+
+  x [b T h p], dt [b T h], B, C [b T g n]. Returns (y [b T h p], the state
+  after each token [b T h p n]), so a caller can keep any prefix.
+  """
+  def step(state, inp):
+    y, state = ssd_lib.ssd_decode_step(state, *inp[:2], A, *inp[2:], D)
+    return state, (y, state)
+
+  inputs = [jnp.moveaxis(t, 1, 0) for t in (x, dt, B, C)]
+  _, (y, states) = jax.lax.scan(step, initial_state.astype(jnp.float32), inputs)
+  return jnp.moveaxis(y, 0, 1), jnp.moveaxis(states, 0, 1)
 
 
 def dt_bias_init(dt_min: float, dt_max: float, floor: float):
@@ -64,13 +83,19 @@ def a_log_init(lo: float, hi: float):
 
 
 class Mamba2(nn.Module):
-  """Mamba-2 mixer. __call__(x [b l d]) -> (y [b l d], MambaState)."""
+  """Mamba-2 mixer. __call__(x [b l d]) -> (y [b l d], MambaState).
+
+  By default the chunked SSD runs over x from `state` (zeros if None) and the
+  final state is returned. With decode=True, x holds a few new tokens that
+  run one at a time from `state` through `ssd_decode_step`, and the returned
+  MambaState holds the state after each token: conv [b l k-1 c], ssm [b l h p n].
+  """
   cfg: Any  # the model section of the config
   out_std: float
   linear: Any = basic.Linear
 
   @nn.compact
-  def __call__(self, x, *, segment_ids=None, state: MambaState | None = None):
+  def __call__(self, x, *, segment_ids=None, state: MambaState | None = None, decode: bool = False):
     m, a = self.cfg, self.cfg.mamba
     dtype, pdtype = basic.dtype_of(m.compute_dtype), basic.dtype_of(m.param_dtype)
     h, p, g, n = a.num_heads, a.head_dim, a.n_groups, a.d_state
@@ -97,6 +122,9 @@ class Mamba2(nn.Module):
       out, final = causal_conv1d(u, w, bias, initial_state=init_state, segment_ids=segment_ids)
       return jax.nn.silu(out), final
 
+    if decode and state is None:
+      raise ValueError("Mamba2 decode=True needs the state left by the previous tokens")
+    raw = jnp.concatenate([xs, Bs, Cs], axis=-1) if decode else None  # the conv inputs
     conv_in = None if state is None else jnp.split(
         state.conv, [d_inner, d_inner + g * n], axis=-1)
     xs, cx = conv("x", xs, "ssm_inner", None if conv_in is None else conv_in[0])
@@ -112,12 +140,19 @@ class Mamba2(nn.Module):
     dt = jnp.clip(dt, a.dt_limit[0], a.dt_limit[1])
     A = -jnp.exp(A_log.astype(jnp.float32))
 
-    y, ssm_state = ssd_lib.ssd(
-        xs.reshape(b, l, h, p), dt, A, Bs.reshape(b, l, g, n), Cs.reshape(b, l, g, n), D,
-        impl=a.ssd_impl, chunk_size=a.chunk_size,
-        initial_state=None if state is None else state.ssm, segment_ids=segment_ids)
+    heads = (xs.reshape(b, l, h, p), dt, A, Bs.reshape(b, l, g, n), Cs.reshape(b, l, g, n), D)
+    if decode:
+      y, ssm_state = ssd_decode(*heads, initial_state=state.ssm)
+      # The conv state after token t: the last k - 1 raw inputs up to t.
+      window = jnp.concatenate([state.conv.astype(raw.dtype), raw], axis=1)
+      conv_state = jnp.stack([window[:, t + 1:t + k] for t in range(l)], axis=1)
+    else:
+      y, ssm_state = ssd_lib.ssd(*heads, impl=a.ssd_impl, chunk_size=a.chunk_size,
+                                 initial_state=None if state is None else state.ssm,
+                                 segment_ids=segment_ids)
+      conv_state = jnp.concatenate([cx, cB, cC], axis=-1)
     y = basic.GatedRMSNorm(d_inner // g, m.norm_eps, pdtype, name="norm")(
         y.reshape(b, l, d_inner), z.astype(jnp.float32))
     out = self.linear(m.d_model, ("ssm_inner", "embed"), self.out_std, dtype, pdtype,
                       name="out_proj")(y.astype(dtype))
-    return out, MambaState(jnp.concatenate([cx, cB, cC], axis=-1), ssm_state)
+    return out, MambaState(conv_state, ssm_state)
