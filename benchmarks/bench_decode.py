@@ -65,7 +65,9 @@ def versus_transformers(args) -> None:
   import torch
   import transformers
   torch.manual_seed(0)
-  torch.set_num_threads(os.cpu_count())
+  # One thread is torch's fastest setting for a model this small; more threads spin against
+  # each other (and against other jobs) on a small machine.
+  torch.set_num_threads(1)
   cfg = transformers.NemotronHConfig(layers_block_type=[HF_TYPES[c] for c in HF_PATTERN],
                                      initializer_range=0.1, **HF_TINY)
   reference = transformers.NemotronHForCausalLM(cfg).eval()

@@ -24,7 +24,7 @@ import eval as eval_cli  # noqa: E402
 
 
 def test_cache_bytes_match_a_prefilled_cache():
-  c = tiny_config("M*-EM*", {"generation.cache_dtype": "bfloat16"})
+  c = tiny_config("M*M*", {"generation.cache_dtype": "bfloat16"})
   model = nj.build_model(c)
   variables = jax.jit(lambda: nj.init_variables(model, jax.random.PRNGKey(0)))()
   context, batch = 40, 3
@@ -94,7 +94,8 @@ def test_cli_on_a_hugging_face_folder(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "eval.py"), f"--checkpoint={folder}", "--eval_batches=1",
-       "--max_new_tokens=6", "--think_budget=2", "--think_end_ids=60,61", "--cache_report",
+       "--max_new_tokens=6", "--think_budget=2", "--think_end_ids=60,61", "--mqar",
+       "--mqar_batches=1", "--cache_report",
        "--cache_contexts=1024", f"--output={output}"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -105,6 +106,8 @@ def test_cli_on_a_hugging_face_folder(tmp_path):
   assert results["sample"]["text"].startswith("def ")
   assert results["sample"]["tokens"][2:4] == [60, 61]  # the budget of 2 forced the marker
   assert set(results["cache_report"]) == {"nano", "super", "this"}
+  # One held-out MQAR batch: 16 rows of 8 queries; random weights recall about nothing.
+  assert results["mqar"]["queries"] == 16 * 8 and results["mqar"]["accuracy"] < 0.2
   bad = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--checkpoint={tmp_path}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert bad.returncode != 0 and "neither a train.py workdir" in bad.stderr

@@ -46,8 +46,8 @@ def attention_mask(q_segments, k_segments, q_positions, k_positions, window: int
 class KVCache(NamedTuple):
   """Keys [b, kv_heads, slots, head_dim] and values [b, kv_heads, head_dim, slots] of one layer.
 
-  Each layout puts the axis a decoding step contracts over last, so neither
-  is transposed (copied whole) at every step.
+  Each layout puts the axis a decoding step contracts over last, so the dots
+  read the cache without transposing it.
   """
   k: jax.Array
   v: jax.Array
@@ -66,8 +66,8 @@ def cached_attention(q, k, v, cache: KVCache, old_mask, new_mask, scale: float):
   """T new queries q [b T heads d] over the cache and the T new keys/values k, v [b T kv d].
 
   old_mask [b T S] picks the cache slots each query sees, new_mask [T T] the
-  new tokens (causal). Reading the old cache, rather than the one updated
-  with the new tokens, lets the update happen in place. Softmax in float32.
+  new tokens (causal). Both are scored under one float32 softmax, so writing
+  the new tokens into the cache need not come before this read.
   """
   b, t, h, d = q.shape
   kv = k.shape[2]
@@ -129,8 +129,9 @@ class Attention(nn.Module):
         positions = q_slots - start[:, None]
         q, k = apply_rope(q, positions, a.rope_theta), apply_rope(k, positions, a.rope_theta)
       # Cached slots in use: from the prompt's start up to (not including) the new tokens.
-      old = ((k_slots >= start[:, None]) & (k_slots < index[:, None])).astype(jnp.int32)
-      old_mask = attention_mask(jnp.ones_like(q_slots), old, q_slots, k_slots, a.sliding_window)
+      in_use = ((k_slots >= start[:, None]) & (k_slots < index[:, None])).astype(jnp.int32)
+      old_mask = attention_mask(jnp.ones_like(q_slots), in_use, q_slots, k_slots,
+                                a.sliding_window)
       new_mask = attention_mask(None, None, q_slots[:1], q_slots[:1], a.sliding_window)
       out = cached_attention(q, k, v, cache, old_mask[:, 0], new_mask[0, 0], hd ** -0.5)
       new_cache = write_slots(cache, k, v, index)

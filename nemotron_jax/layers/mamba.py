@@ -58,11 +58,14 @@ def ssd_decode(x, dt, A, B, C, D, *, initial_state):
   after each token [b T h p n]), so a caller can keep any prefix.
   """
   def step(state, inp):
-    y, state = ssd_lib.ssd_decode_step(state, *inp[:2], A, *inp[2:], D)
+    x_t, dt_t, B_t, C_t = inp
+    y, state = ssd_lib.ssd_decode_step(state, x_t, dt_t, A, B_t, C_t, D)
     return state, (y, state)
 
   inputs = [jnp.moveaxis(t, 1, 0) for t in (x, dt, B, C)]
-  _, (y, states) = jax.lax.scan(step, initial_state.astype(jnp.float32), inputs)
+  # Unrolled: T is one token, or a few when verifying drafts, and this runs inside the
+  # generation loop, where a nested loop costs more than the few steps themselves.
+  _, (y, states) = jax.lax.scan(step, initial_state.astype(jnp.float32), inputs, unroll=True)
   return jnp.moveaxis(y, 0, 1), jnp.moveaxis(states, 0, 1)
 
 
