@@ -89,7 +89,7 @@ def kernel_cost(b, l, h, p, n, g, q, in_bytes):
   chunk-state kernel, once per group by the scan kernels). x, B, C, dx, dB, dC
   take `in_bytes` per element; dt, A, D, states, y, dy and ids are 4 bytes.
   """
-  nc, r, f = l // q, h // g, 4
+  nc, f = l // q, 4
   s = in_bytes
   chunk_heads, chunk_groups = b * nc * h, b * nc * g
   weights_ew = 2 * q * q + 8 * q  # masked cumsum (select+add per element) and the O(Q) weights
@@ -124,7 +124,7 @@ def kernel_cost(b, l, h, p, n, g, q, in_bytes):
 
 def roofline(args):
   b, l, h, p, n, g, q = 1, args.seq, 64, 64, 128, 8, 128
-  print(f"\n== Part 2: Pallas kernels, analytic cost per call at a Nemotron 3 Nano Mamba layer")
+  print("\n== Part 2: Pallas kernels, analytic cost per call at a Nemotron 3 Nano Mamba layer")
   print(f"shape: b={b} seq={l} heads={h} head_dim={p} d_state={n} n_groups={g} chunk={q}; "
         f"x/B/C in bf16 (2 B), dt, states, y in fp32")
   kernels = kernel_cost(b, l, h, p, n, g, q, in_bytes=2)
