@@ -58,19 +58,6 @@ def ssd_sequential(x, dt, A, B, C, D, *, initial_state=None, segment_ids=None):
   return jnp.moveaxis(ys, 0, 1), final
 
 
-def segsum_exp(a: jax.Array) -> jax.Array:
-  """exp of segment sums: out[..., i, j] = exp(a[j+1] + ... + a[i]) for i >= j, else 0.
-
-  Summing a masked copy (rather than subtracting two cumulative sums) keeps
-  long chunks exact and never forms -inf.
-  """
-  q = a.shape[-1]
-  strict = jnp.tril(jnp.ones((q, q), bool), -1)
-  rep = jnp.where(strict, jnp.broadcast_to(a[..., :, None], a.shape + (q,)), 0.0)
-  sums = jnp.cumsum(rep, axis=-2)
-  return jnp.where(jnp.tril(jnp.ones((q, q), bool)), jnp.exp(sums), 0.0)
-
-
 def pad_to_chunks(x, dt, B, C, segment_ids, chunk_size):
   """Pads the length to a multiple of the chunk with dt = 0 (no decay, no input) and repeated ids."""
   l = x.shape[1]
@@ -86,6 +73,13 @@ def ssd_chunked(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, segme
   """Chunked SSD: quadratic form inside each chunk, a scan over chunk states between them.
 
   Cost is linear in length. Returns (y [b l h p], final state [b h p n]).
+  Internally heads are split as (groups g, heads per group r) and every
+  contraction is batched over (b, chunk, g[, r]) with the contracted axis
+  last or second to last, so XLA needs few layout changes. The cumulative
+  sum inside a chunk is a product with a triangular matrix (a plain cumsum
+  lowers to a slow reduce-window on CPU); the decay between positions i >= j
+  of a chunk is exp(a_cum_i - a_cum_j), exact enough since a chunk's sums are
+  short, and masked before the exp so no infinity ever forms.
   """
   x, dt, A, B, C, D, initial_state = _f32(x, dt, A, B, C, D, initial_state)
   b, l, h, p = x.shape
@@ -95,27 +89,31 @@ def ssd_chunked(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, segme
   xp, dtp, Bp, Cp, seg = pad_to_chunks(x, dt, B, C, seg, chunk_size)
   q = chunk_size
 
-  xdt = rearrange(xp * dtp[..., None], "b (c q) (g r) p -> b c q g r p", q=q, g=g)
-  Bc = rearrange(Bp, "b (c q) g n -> b c q g n", q=q)
-  Cc = rearrange(Cp, "b (c q) g n -> b c q g n", q=q)
-  a = rearrange(dtp * A, "b (c q) (g r) -> b g r c q", q=q, g=g)
-  a_cum = jnp.cumsum(a, axis=-1)
+  xdt = rearrange(xp * dtp[..., None], "b (c q) (g r) p -> b c g r q p", q=q, g=g)
+  Bc = rearrange(Bp, "b (c q) g n -> b c g q n", q=q)
+  Cc = rearrange(Cp, "b (c q) g n -> b c g q n", q=q)
+  a = rearrange(dtp * A, "b (c q) (g r) -> b c g r q", q=q, g=g)
+  tril = jnp.tril(jnp.ones((q, q), jnp.float32))
+  a_cum = jnp.einsum("bcgrj,ij->bcgri", a, tril)  # inclusive sums within each chunk
   seg = rearrange(seg, "b (c q) -> b c q", q=q)
   last = seg[..., -1]
   prev_last = jnp.concatenate([seg[:, :1, 0], last[:, :-1]], axis=1)  # [b c]
+  per_head = lambda mask: mask[:, :, None, None].astype(jnp.float32)  # [b c ...] -> [b c 1 1 ...]
 
-  # 1. Within each chunk: y_i = sum_j (C_i . B_j) exp(a_{j+1..i}) xdt_j, same segment only.
-  same = (seg[..., :, None] == seg[..., None, :]).astype(jnp.float32)  # [b c i j]
-  decay = segsum_exp(a) * same[:, None, None]  # [b g r c i j]
-  scores = jnp.einsum("bcign,bcjgn->bgcij", Cc, Bc)
-  y_diag = jnp.einsum("bgcij,bgrcij,bcjgrp->bcigrp", scores, decay, xdt)
+  # 1. Within each chunk: y_i = sum_j (C_i . B_j) exp(a_cum_i - a_cum_j) xdt_j, j <= i, same segment.
+  causal = (seg[..., :, None] == seg[..., None, :]) & (tril > 0)  # [b c i j]
+  keep = causal[:, :, None, None]
+  diff = jnp.where(keep, a_cum[..., :, None] - a_cum[..., None, :], 0.0)
+  decay = jnp.where(keep, jnp.exp(diff), 0.0)  # [b c g r i j]
+  scores = jnp.einsum("bcgin,bcgjn->bcgij", Cc, Bc)
+  y_diag = jnp.einsum("bcgrij,bcgrjp->bcgrip", scores[:, :, :, None] * decay, xdt)
 
   # 2. Each chunk's own contribution to the state at its end.
-  to_end = jnp.exp(a_cum[..., -1:] - a_cum) * (seg == last[..., None]).astype(jnp.float32)[:, None, None]
-  chunk_states = jnp.einsum("bcjgn,bgrcj,bcjgrp->bcgrpn", Bc, to_end, xdt)
+  to_end = jnp.exp(a_cum[..., -1:] - a_cum) * per_head(seg == last[..., None])
+  chunk_states = jnp.einsum("bcgrjp,bcgjn->bcgrpn", xdt * to_end[..., None], Bc)
 
   # 3. Pass states across chunks; the old state survives a chunk only if no segment starts in it.
-  survive = jnp.exp(a_cum[..., -1]) * (last == prev_last).astype(jnp.float32)[:, None, None]
+  survive = jnp.exp(a_cum[..., -1]) * per_head(last == prev_last)  # [b c g r]
   state0 = (jnp.zeros((b, g, r, p, n), jnp.float32) if initial_state is None
             else rearrange(initial_state, "b (g r) p n -> b g r p n", g=g))
 
@@ -124,14 +122,14 @@ def ssd_chunked(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, segme
     return state * surv[..., None, None] + new, state
 
   final, starts = jax.lax.scan(
-      step, state0, (jnp.moveaxis(survive, 3, 0), jnp.moveaxis(chunk_states, 1, 0)))
+      step, state0, (jnp.moveaxis(survive, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
   starts = jnp.moveaxis(starts, 0, 1)  # [b c g r p n]: the state entering each chunk.
 
   # 4. The entering state's contribution to each position of the chunk.
-  from_start = jnp.exp(a_cum) * (seg == prev_last[..., None]).astype(jnp.float32)[:, None, None]
-  y_off = jnp.einsum("bcign,bcgrpn,bgrci->bcigrp", Cc, starts, from_start)
+  from_start = jnp.exp(a_cum) * per_head(seg == prev_last[..., None])  # [b c g r q]
+  y_off = jnp.einsum("bcgin,bcgrpn->bcgrip", Cc, starts) * from_start[..., None]
 
-  y = rearrange(y_diag + y_off, "b c q g r p -> b (c q) (g r) p")[:, :l]
+  y = rearrange(y_diag + y_off, "b c g r q p -> b (c q) (g r) p")[:, :l]
   y = y + D[None, None, :, None] * x
   return y, rearrange(final, "b g r p n -> b (g r) p n")
 
