@@ -2,7 +2,9 @@
 
 Both train the same small hybrid MoE (configs/tiny.py shapes) in float32 with
 AdamW on the same batch. The two are timed in alternating rounds so machine
-noise hits both alike; the ratio is the figure of merit. Model FLOPs
+noise hits both alike; the ratio is the figure of merit. Run it on an
+otherwise idle machine: under load torch's worker threads lose more than
+XLA's, which inflates the ratio (the load average is printed). Model FLOPs
 utilisation is the analytic training FLOPs (6 x active matmul parameters per
 token plus attention and SSD terms, from nemotron_jax.summary) over the
 float32 matmul peak measured here with a large jnp.dot.
@@ -76,6 +78,9 @@ def main():
       opt.step()
       opt.zero_grad()
 
+  # Other jobs slow torch's threads more than XLA's executor, which inflates the ratio:
+  # the load average is printed so a loaded run can be recognised and repeated.
+  load_before = os.getloadavg()[0]
   ours(2)  # compile
   theirs(1)
   times = {"ours": [], "torch": []}
@@ -89,7 +94,8 @@ def main():
   tok = args.batch * args.seq
   best = {k: min(v) for k, v in times.items()}
   print(f"devices: {jax.devices()[0].platform} x1, torch threads {torch.get_num_threads()}, "
-        f"config {args.config}, batch {args.batch} x seq {args.seq}")
+        f"config {args.config}, batch {args.batch} x seq {args.seq}, "
+        f"load average before / after {load_before:.2f} / {os.getloadavg()[0]:.2f}")
   for name in ("ours", "torch"):
     print(f"{name:6s} step {best[name] * 1e3:8.1f} ms   {tok / best[name]:10.0f} tokens/s   "
           f"rounds {[round(t * 1e3, 1) for t in times[name]]} ms")
