@@ -68,7 +68,7 @@ def load(preset: str, *, steps: int, seq_len: int, batch_size: int = 8):
     if m.moe.latent_size:
       m.moe.latent_size //= 4
   c.data.seq_len = seq_len
-  c.data.shuffle_window = 16
+  c.data.shuffle_window = 16 if QUICK else c.data.shuffle_window  # quick: fill the window fast
   t = c.train
   t.steps, t.batch_size = steps, batch_size
   t.warmup_steps = max(1, steps // 10)
@@ -191,3 +191,12 @@ def timed(fn, *args, repeats: int = 3) -> float:
 
 def mean_last(values, n: int = 3) -> float:
   return float(np.mean(values[-n:]))
+
+
+def smooth(values, window: int = 20) -> list[float]:
+  """Trailing moving average (shorter at the start): per-batch losses on the corpus are noisy."""
+  values = np.asarray(values, np.float64)
+  sums = np.cumsum(np.concatenate([[0.0], values]))
+  idx = np.arange(1, len(values) + 1)
+  lo = np.maximum(idx - window, 0)
+  return list((sums[idx] - sums[lo]) / (idx - lo))
