@@ -3,7 +3,7 @@
 NEMOTRON_QUICK=1 (the default, and what tests/test_notebooks.py sets) is a smoke
 test of 30-70 s of CPU time per notebook: widths shrunk 4x, one layer of each
 kind, short sequences, a few steps. NEMOTRON_QUICK=0 trains the presets as
-written, at batch 8 for 200-300 steps: from half a minute to a quarter of an
+written, at batch 8 for 200-300 steps: from half a minute to about half an
 hour per notebook on 2 CPU cores (the README lists each).
 """
 
