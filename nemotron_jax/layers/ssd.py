@@ -94,7 +94,8 @@ def ssd_chunked(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, segme
   Cc = rearrange(Cp, "b (c q) g n -> b c g q n", q=q)
   a = rearrange(dtp * A, "b (c q) (g r) -> b c g r q", q=q, g=g)
   tril = jnp.tril(jnp.ones((q, q), jnp.float32))
-  a_cum = jnp.einsum("bcgrj,ij->bcgri", a, tril)  # inclusive sums within each chunk
+  # Inclusive sums within each chunk; full float32 even where default dots round (TF32).
+  a_cum = jnp.einsum("bcgrj,ij->bcgri", a, tril, precision=jax.lax.Precision.HIGHEST)
   seg = rearrange(seg, "b (c q) -> b c q", q=q)
   last = seg[..., -1]
   prev_last = jnp.concatenate([seg[:, :1, 0], last[:, :-1]], axis=1)  # [b c]
