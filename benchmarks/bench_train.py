@@ -78,8 +78,6 @@ def main():
       opt.step()
       opt.zero_grad()
 
-  # Other jobs slow torch's threads more than XLA's executor, which inflates the ratio:
-  # the load average is printed so a loaded run can be recognised and repeated.
   load_before = os.getloadavg()[0]
   ours(2)  # compile
   theirs(1)
