@@ -84,3 +84,24 @@ def test_bfloat16_compute_runs_and_stays_close(hybrid):
   assert low.dtype == jnp.float32
   # bf16 keeps 8 bits of mantissa: logits of size ~0.1 agree to a few 1e-3.
   np.testing.assert_allclose(low, apply(variables, tokens), atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_gradient_matches_plain_dot(dtype):
+  from nemotron_jax.layers.basic import matmul
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, 5, 16)).astype(dtype)
+  w = jax.random.normal(kw, (16, 24)).astype(dtype)
+  g = jax.random.normal(kg, (2, 5, 24))
+
+  def loss(f):
+    # The output is cast to the compute dtype, as Linear does.
+    return lambda x, w: jnp.sum(f(x, w).astype(dtype).astype(jnp.float32) * g)
+
+  plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
+  ours = jax.jit(jax.grad(loss(matmul), argnums=(0, 1)))(x, w)
+  ref = jax.grad(loss(plain), argnums=(0, 1))(x, w)
+  for a, b in zip(ours, ref):
+    assert a.dtype == b.dtype == dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=1e-6 if dtype == jnp.float32 else 1e-2, atol=1e-5)

@@ -33,6 +33,38 @@ def uniform_init(bound: float):
   return init
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [..., k] @ w [k, n] accumulated in float32; the gradient keeps its operands materialised.
+
+  The weight gradient contracts over all tokens, so XLA transposes one
+  operand for it. Left to itself it fuses the operand's elementwise producers
+  (gated-norm SiLU, conv-tap sums) into that transposing copy, where they run
+  many times slower than on their own (XLA:CPU, measured in
+  benchmarks/bench_train.py). An optimization barrier on the activation and
+  the output gradient makes the backward pass read stored buffers instead.
+  The backward products run in x's dtype, as the forward does: callers cast
+  the output to that dtype, so its gradient is exact there.
+  """
+  return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(x, w):
+  return matmul(x, w), (x, w)
+
+
+def _matmul_bwd(res, g):
+  x, w = res
+  g, x = jax.lax.optimization_barrier((g.astype(x.dtype), x))
+  dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+  dw = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]),
+               preferred_element_type=jnp.float32)
+  return dx, dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Linear(nn.Module):
   """y = x @ kernel, kernel [in, out], no bias.
 
@@ -53,7 +85,7 @@ class Linear(nn.Module):
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if self.dot is not None:
       return self.dot(self, x, kernel)
-    return jnp.dot(x, kernel, preferred_element_type=jnp.float32).astype(self.dtype)
+    return matmul(x, kernel).astype(self.dtype)
 
 
 class RMSNorm(nn.Module):
