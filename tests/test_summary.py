@@ -31,7 +31,7 @@ def counts(name):
   return summary.count_params(preset(name))
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", PRESETS + ("tiny", "small"))
 def test_presets_validate(name):
   preset(name)  # load_config validates every section
 
