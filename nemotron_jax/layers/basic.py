@@ -40,9 +40,9 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   The weight gradient contracts over all tokens, so XLA transposes one
   operand for it. Left to itself it fuses the operand's elementwise producers
   (gated-norm SiLU, conv-tap sums) into that transposing copy, where they run
-  many times slower than on their own (XLA:CPU, measured in
-  benchmarks/bench_train.py). An optimization barrier on the activation and
-  the output gradient makes the backward pass read stored buffers instead.
+  many times slower than on their own (seen in XLA:CPU profiles of the train
+  step). An optimization barrier on the activation and the output gradient
+  makes the backward pass read stored buffers instead.
   The backward products run in x's dtype, as the forward does: callers cast
   the output to that dtype, so its gradient is exact there.
   """
