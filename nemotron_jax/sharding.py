@@ -96,6 +96,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+  """Raises ConfigError unless the batch axes (data x fsdp x expert) divide `batch_size`."""
+  sizes = [mesh.shape[a] for a in BATCH_AXES]
+  if batch_size % math.prod(sizes):
+    raise ConfigError(f"train.batch_size = {batch_size} must be divisible by the batch axes "
+                      f"data x fsdp x expert = {' x '.join(map(str, sizes))} = {math.prod(sizes)}")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

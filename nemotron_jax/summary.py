@@ -3,6 +3,13 @@
   python -m nemotron_jax.summary --config=configs/nano.py --seq_len=8192 --context=131072
   python -m nemotron_jax.summary --config=configs/super.py --json \
       --config.model.generation.cache_dtype=float32
+  python -m nemotron_jax.summary --config=configs/nano.py --memory --devices=8 \
+      --config.mesh.fsdp=8 --config.train.batch_size=8
+
+`--memory` compiles the real training step (forward, backward, optimiser
+update, with the config's mesh, remat and precision) for `--devices`
+simulated CPU devices from abstract arrays, so nothing is allocated and no
+data is read, and reports XLA's per-device buffer sizes (`memory_report`).
 
 Parameter shapes come from `jax.eval_shape` of the model's own init, so the
 counts are those of the code, never of a second formula that could drift.
@@ -232,6 +239,42 @@ def summarize(config: ml_collections.ConfigDict, *, seq_len: int, context: int) 
   }
 
 
+def memory_report(config: ml_collections.ConfigDict, devices: int) -> dict:
+  """Per-device bytes of the compiled train step on the first `devices` CPU devices.
+
+  The mesh is the config's (`mesh.*`, one axis may be -1), the global batch
+  train.batch_size x data.seq_len. peak = arguments + outputs + temp - aliased
+  (the donated state is both an argument and an output).
+  """
+  from nemotron_jax import sharding
+  from nemotron_jax.train_lib import Trainer
+  available = jax.devices("cpu")
+  if not isinstance(devices, int) or not 1 <= devices <= len(available):
+    raise config_lib.ConfigError(
+        f"devices = {devices!r} is invalid: this process has {len(available)} CPU devices; "
+        "pass --devices before anything else starts JAX, or set "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+  mesh = sharding.make_mesh(config.mesh, available[:devices])
+  trainer = Trainer(config, build_model(config), mesh)
+  analysis = trainer.compile_train_step().memory_analysis()
+  sizes = {"arguments": analysis.argument_size_in_bytes, "outputs": analysis.output_size_in_bytes,
+           "temp": analysis.temp_size_in_bytes, "aliased": analysis.alias_size_in_bytes}
+  sizes["peak"] = sizes["arguments"] + sizes["outputs"] + sizes["temp"] - sizes["aliased"]
+  return {"devices": devices, "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
+          "batch_size": config.train.batch_size, "seq_len": config.data.seq_len,
+          "per_device_bytes": sizes}
+
+
+def format_memory(r: dict) -> str:
+  """A readable table of `memory_report`'s output."""
+  mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
+  rows = [(f"train step per device ({r['devices']} devices: {mesh}; "
+           f"batch {r['batch_size']} x {r['seq_len']})", "")]
+  rows += [(f"  {k}", _bytes(v)) for k, v in r["per_device_bytes"].items()]
+  width = max(len(a) for a, _ in rows)
+  return "\n".join(f"{a:<{width}}  {b:>12}".rstrip() for a, b in rows)
+
+
 def _num(x: float, billion: str = "B") -> str:
   """3 decimals with K, M, B (parameters) or G (FLOPs), T suffixes."""
   for scale, suffix in ((1e12, "T"), (1e9, billion), (1e6, "M"), (1e3, "K")):
@@ -292,6 +335,8 @@ def define_flags():
   flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
   flags.DEFINE_integer("seq_len", None, "Sequence length of the FLOP count (default: data.seq_len).")
   flags.DEFINE_integer("context", None, "Context length of the cache size (default: seq_len).")
+  flags.DEFINE_bool("memory", False, "Also compile the train step and report per-device bytes.")
+  flags.DEFINE_integer("devices", 1, "Simulated CPU devices of the --memory report.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -299,10 +344,19 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
+  if f.memory:
+    # Before anything initialises a backend: the report runs on simulated CPU devices.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", f.devices)
   config = config_lib.validate(f.config)
   seq_len = f.seq_len or config.data.seq_len
   s = summarize(config, seq_len=seq_len, context=f.context or seq_len)
-  print(json.dumps(s) if f.json else format_table(s))
+  if f.memory:
+    s["memory"] = memory_report(config, f.devices)
+  if f.json:
+    print(json.dumps(s))
+  else:
+    print(format_table(s) + ("\n\n" + format_memory(s["memory"]) if f.memory else ""))
 
 
 if __name__ == "__main__":

@@ -206,6 +206,19 @@ class Trainer:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.state_shardings)
 
+  def abstract_batch(self, batch_size: int | None = None, seq_len: int | None = None) -> dict:
+    """Shapes, dtypes and shardings of a global training batch (default: the config's)."""
+    shape = (batch_size or self.config.train.batch_size, seq_len or self.config.data.seq_len)
+    sharding.check_batch(shape[0], self.mesh)
+    spec = lambda dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+    return {"inputs": spec(jnp.int32), "targets": spec(jnp.int32),
+            "segment_ids": spec(jnp.int32), "loss_mask": spec(jnp.float32)}
+
+  def compile_train_step(self):
+    """The train step compiled for the abstract state and batch: nothing is allocated."""
+    with jax.set_mesh(self.mesh):
+      return self._train_jit.lower(self.abstract_state(), self.abstract_batch()).compile()
+
   def _init_fn(self, rng) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     variables = nn.meta.unbox(self._boxed_init(init_rng))
