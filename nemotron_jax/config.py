@@ -79,6 +79,14 @@ def model_config() -> ml_collections.ConfigDict:
   c.moe.bias_update_rate = 1e-3
   c.moe.balance_loss_coef = 1e-4
   c.moe.impl = "auto"  # auto (blocked on CPU, ragged elsewhere) | ragged | blocked | dense
+  # Expert parallelism (mesh.expert > 1): each shard sends each destination shard at
+  # most ceil(ep_capacity_factor * its token copies / expert) rows; copies past that
+  # are dropped (routed output zero, the shared expert still applies) and counted
+  # in the `moe_dropped_fraction` metric. 2.0 leaves room for a destination to get
+  # twice its even share, which the aux-loss-free bias keeps rare after the first
+  # steps, at 2 / expert the buffer of the worst case. None: worst-case buffers
+  # (ep times the copies), never dropping.
+  c.moe.ep_capacity_factor = config_dict.FieldReference(2.0, field_type=float)
 
   # Multi-token prediction: depth k predicts the token k + 1 ahead from the
   # previous depth's output and the embedding of token t + k (NEMOTRON.md section 2).
@@ -310,6 +318,11 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
       if e[name] < 0:
         _fail(q + name, e[name], "expected a non-negative number")
     _choice(e, q, "impl", MOE_IMPLS)
+    cf = e.ep_capacity_factor
+    if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or cf <= 0):
+      _fail(q + "ep_capacity_factor", cf,
+            "expected a positive number (rows per destination over the even share) or None "
+            "(worst-case buffers, never dropping)")
 
   _validate_mtp(m)
   _validate_generation(m)

@@ -41,6 +41,24 @@ RULES = (
 )
 
 
+def spec(logical, rules=None, keep=None) -> P:
+  """The PartitionSpec of logical axis names under `rules` (default: those in context, else
+  RULES). With `keep`, only those names keep their mesh axes; the others are None."""
+  rules = rules or nn.get_logical_axis_rules() or RULES
+  axes = list(nn.logical_to_mesh_axes(logical, rules))
+  axes += [None] * (len(logical) - len(axes))
+  if keep is not None:
+    axes = [a if name in keep else None for name, a in zip(logical, axes)]
+  return P(*axes)
+
+
+def spec_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   """Sizes of (data, fsdp, tensor, expert), resolving one -1; checks they use every device."""
   sizes = [mesh_cfg[a] for a in MESH_AXES]

@@ -125,6 +125,14 @@ def moe_stats_summary(stats) -> tuple[list, jax.Array]:
   return loads, balance
 
 
+def moe_dropped_fraction(stats) -> jax.Array:
+  """Token copies dropped for want of expert-parallel capacity over all copies routed, in
+  every MoE layer together."""
+  layers = [layer for _, layer in _moe_layers(stats)]
+  dropped = sum(sum(layer["dropped"]) for layer in layers)
+  return dropped / sum(sum(layer["copies"]) for layer in layers)
+
+
 def update_expert_bias(moe_state, loads, rate: float):
   """bias_i += rate * sign(mean load - load_i): under-loaded experts become likelier."""
   new = jax.tree.map(lambda x: x, moe_state)
@@ -255,13 +263,15 @@ class Trainer:
     rngs = {"quant": jax.random.fold_in(state.rng, state.step)}
 
     def loss_fn(params):
-      ce, _, count, loads, balance, depths, _ = self._forward(
+      ce, _, count, loads, balance, depths, stats = self._forward(
           params, state.moe_state, batch, mtp=True, model=model, rngs=rngs)
       mtp_loss = (t.loss_scale / t.num_depths * sum(d[0] for d in depths) if depths
                   else jnp.zeros((), jnp.float32))
-      return ce + mtp_loss + coef * balance, (ce, count, loads, balance, mtp_loss, depths)
+      stats = stats.get("moe_stats", {})
+      dropped = moe_dropped_fraction(stats) if loads else None
+      return ce + mtp_loss + coef * balance, (ce, count, loads, balance, mtp_loss, depths, dropped)
 
-    (loss, (ce, count, loads, balance, mtp_loss, depths)), grads = jax.value_and_grad(
+    (loss, (ce, count, loads, balance, mtp_loss, depths, dropped)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -280,6 +290,7 @@ class Trainer:
       ideal = 1.0 / share.shape[-1]
       metrics["expert_load_max"] = jnp.max(share) / ideal
       metrics["expert_load_min"] = jnp.min(share) / ideal
+      metrics["moe_dropped_fraction"] = dropped
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               moe_state=moe_state, rng=jax.random.fold_in(state.rng, state.step))
     return new_state, metrics

@@ -25,6 +25,7 @@ number of experts over top_k; P_i: mean normalised score).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -65,10 +66,14 @@ def expert_load(experts, num_experts: int):
 
 def balance_loss(scores, load, top_k: int):
   """sum_i f_i P_i with f_i = e * load_i / (k t) and P_i = mean_t(s_i / sum_j s_j)."""
-  t, e = scores.shape
-  f = load * e / (top_k * t)
-  p = jnp.mean(scores / scores.sum(-1, keepdims=True), axis=0)
-  return jnp.sum(f * p)
+  share = jnp.sum(scores / scores.sum(-1, keepdims=True), axis=0)
+  return balance_loss_from_sums(share, load, scores.shape[0], top_k)
+
+
+def balance_loss_from_sums(share, load, num_tokens: int, top_k: int):
+  """`balance_loss` from its token sums: share [e] = sum_t s_i / sum_j s_j, load [e]."""
+  e = load.shape[0]
+  return jnp.sum(load * e / (top_k * num_tokens) * share / num_tokens)
 
 
 def blocked_dot(x, w, group_sizes, block: int = 128):
@@ -108,58 +113,112 @@ def plain_gmm(x, w, group_sizes, name=None, *, impl: str = "ragged"):
   return jax.lax.ragged_dot(x, w, group_sizes)
 
 
-def ragged_experts(x, weights, experts, up, down, *, gmm: Callable = plain_gmm):
-  """Dropless experts. x [t d], weights/experts [t k], up [e d f], down [e f d] -> [t d] float32."""
+def ragged_experts(x, weights, experts, up, down, *, gmm: Callable = plain_gmm, first_expert=0):
+  """Dropless experts. x [t d], weights/experts [t k], up [e d f], down [e f d] -> [t d] float32.
+
+  `up` and `down` may hold a slice of the experts, from `first_expert` on (an
+  int or a traced scalar); copies routed to experts outside it contribute zero.
+  """
   t, k = experts.shape
   num_experts = up.shape[0]
-  flat = experts.reshape(-1)
+  flat = experts.reshape(-1) - first_expert
+  # Copies for other experts get the id `num_experts`: they sort last and no group counts them.
+  flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
   order = jnp.argsort(flat, stable=True)
   token = order // k
   sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
   h = relu2(gmm(x[token], up, sizes, "up"))
   out = gmm(h.astype(x.dtype), down, sizes, "down").astype(jnp.float32)
-  out = out * weights.reshape(-1)[order][:, None]
+  kept = flat[order] < num_experts
+  out = out * jnp.where(kept, weights.reshape(-1)[order], 0.0)[:, None]
   return jnp.zeros((t, out.shape[-1]), jnp.float32).at[token].add(out)
 
 
-def expert_parallel_experts(x, weights, experts, up, down, *, gmm: Callable = plain_gmm):
-  """`ragged_experts` with experts split over the mesh's `expert` axis (same shapes, global).
+def ep_capacity(copies: int, ep: int, capacity_factor: float | None) -> int:
+  """Rows each shard sends each of `ep` destinations: ceil(factor * copies / ep), at most
+  `copies` (None: `copies`, the worst case, so nothing is ever dropped)."""
+  if capacity_factor is None:
+    return copies
+  return max(1, min(copies, math.ceil(capacity_factor * copies / ep)))
 
-  Under `shard_map`, each shard sends every token copy to the shard that holds
-  its expert with one all-to-all, runs its local experts dropless, and returns
-  the results with a second all-to-all. The send buffers have room for all of
-  a shard's copies per destination, so no token is ever dropped.
+
+def expert_parallel_experts(x, weights, experts, up, down, *, axis: str, capacity: int,
+                            gmm: Callable = plain_gmm):
+  """Inside `shard_map`: this shard's tokens through experts split over mesh axis `axis`.
+
+  x [t d], weights/experts [t k] are this shard's; up [e/ep d f], down [e/ep f d] its
+  experts. One all-to-all sends each token copy to the shard holding its expert,
+  at most `capacity` rows per destination; the local experts run dropless on what
+  arrives; a second all-to-all returns the results. -> (out [t d] float32, the
+  number of copies dropped for want of capacity; their output is zero).
   """
-  def local(x, weights, experts, up, down):
-    t, k = experts.shape
-    ep = jax.lax.axis_size("expert")
-    local_experts = up.shape[0]
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    expert = flat[order]
-    token = order // k
-    dest = expert // local_experts
-    counts = jnp.bincount(dest, length=ep)
-    pos = jnp.arange(t * k) - (jnp.cumsum(counts) - counts)[dest]
-    send = jnp.zeros((ep, t * k, x.shape[-1]), x.dtype).at[dest, pos].set(x[token])
-    # Free rows carry the id `local_experts`, past every real group, so they sort last.
-    send_id = jnp.full((ep, t * k), local_experts, jnp.int32).at[dest, pos].set(
-        expert % local_experts)
-    rows = jax.lax.all_to_all(send, "expert", 0, 0).reshape(ep * t * k, -1)
-    ids = jax.lax.all_to_all(send_id, "expert", 0, 0).reshape(-1)
-    by_expert = jnp.argsort(ids, stable=True)
-    sizes = jnp.bincount(ids, length=local_experts).astype(jnp.int32)
-    h = relu2(gmm(rows[by_expert], up, sizes, "up"))
-    out = gmm(h.astype(x.dtype), down, sizes, "down")
-    out = jnp.zeros_like(out).at[by_expert].set(out).reshape(ep, t * k, -1)
-    back = jax.lax.all_to_all(out, "expert", 0, 0)[dest, pos].astype(jnp.float32)
-    back = back * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((t, back.shape[-1]), jnp.float32).at[token].add(back)
+  t, k = experts.shape
+  ep = jax.lax.axis_size(axis)
+  local_experts = up.shape[0]
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  expert = flat[order]
+  token = order // k
+  dest = expert // local_experts
+  counts = jnp.bincount(dest, length=ep)
+  pos = jnp.arange(t * k) - (jnp.cumsum(counts) - counts)[dest]
+  kept = pos < capacity
+  slot = jnp.where(kept, pos, capacity)  # out of bounds: the scatters drop it
+  send = jnp.zeros((ep, capacity, x.shape[-1]), x.dtype).at[dest, slot].set(x[token], mode="drop")
+  # Free rows carry the id `local_experts`, past every real group, so they sort last.
+  send_id = jnp.full((ep, capacity), local_experts, jnp.int32).at[dest, slot].set(
+      expert % local_experts, mode="drop")
+  rows = jax.lax.all_to_all(send, axis, 0, 0).reshape(ep * capacity, -1)
+  ids = jax.lax.all_to_all(send_id, axis, 0, 0).reshape(-1)
+  by_expert = jnp.argsort(ids, stable=True)
+  sizes = jnp.bincount(ids, length=local_experts).astype(jnp.int32)
+  h = relu2(gmm(rows[by_expert], up, sizes, "up"))
+  out = gmm(h.astype(x.dtype), down, sizes, "down")
+  out = jnp.zeros_like(out).at[by_expert].set(out).reshape(ep, capacity, -1)
+  back = jax.lax.all_to_all(out, axis, 0, 0)[dest, jnp.minimum(slot, capacity - 1)]
+  back = back.astype(jnp.float32) * jnp.where(kept, weights.reshape(-1)[order], 0.0)[:, None]
+  routed = jnp.zeros((t, back.shape[-1]), jnp.float32).at[token].add(back)
+  return routed, jnp.sum(~kept).astype(jnp.float32)
 
-  tokens = P(sharding.BATCH_AXES, None)
-  experts_spec = P("expert", None, None)
-  return jax.shard_map(local, in_specs=(tokens, tokens, tokens, experts_spec, experts_spec),
-                       out_specs=tokens)(x, weights, experts, up, down)
+
+def routed_moe(x, h, router, bias, up, down, *, cfg, gmm: Callable = plain_gmm,
+               token_axes: tuple = (), expert_axis: str | None = None, tensor_axes: tuple = (),
+               capacity: int | None = None):
+  """Routing, experts and statistics of one shard's tokens (the body of MoE's shard_map).
+
+  x [t d] feeds the router, h [t w] the experts (w = latent_size for LatentMoE);
+  router [d e] and bias [e] are whole, up [e' w f'] / down [e' f' w] this shard's
+  experts (e' = e / expert) and expert width (f' = d_ff / tensor). token_axes:
+  the mesh axes the tokens are split over (statistics are summed over them);
+  expert_axis: where experts are split, exchanging tokens by all-to-all with
+  `capacity` rows per destination when the tokens are split too, or running the
+  local experts on every (replicated) token and summing otherwise; tensor_axes:
+  where the expert width is split (partial outputs summed).
+  -> (routed [t w] float32, load [e], balance loss, dropped copies), the last
+  three global.
+  """
+  num = lambda axes: math.prod(jax.lax.axis_size(a) for a in axes)
+  psum = lambda v, axes: jax.lax.psum(v, axes) if axes else v
+  logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32))
+  weights, experts, scores = route(
+      logits, bias, top_k=cfg.top_k, n_group=cfg.n_group, topk_group=cfg.topk_group,
+      norm_topk_prob=cfg.norm_topk_prob, routed_scaling=cfg.routed_scaling)
+  num_tokens = x.shape[0] * num(token_axes)
+  load = psum(expert_load(experts, cfg.num_experts), token_axes)
+  share = psum(jnp.sum(scores / scores.sum(-1, keepdims=True), axis=0), token_axes)
+  balance = balance_loss_from_sums(share, load, num_tokens, cfg.top_k)
+  dropped = jnp.zeros((), jnp.float32)
+  if expert_axis is None:
+    routed = ragged_experts(h, weights, experts, up, down, gmm=gmm)
+  elif expert_axis in token_axes:
+    routed, dropped = expert_parallel_experts(h, weights, experts, up, down, axis=expert_axis,
+                                              capacity=capacity, gmm=gmm)
+    dropped = psum(dropped, token_axes)
+  else:
+    first = jax.lax.axis_index(expert_axis) * up.shape[0]
+    routed = jax.lax.psum(ragged_experts(h, weights, experts, up, down, gmm=gmm,
+                                         first_expert=first), expert_axis)
+  return psum(routed, tensor_axes), load, balance, dropped
 
 
 def dense_experts(x, weights, experts, up, down):
@@ -190,11 +249,6 @@ class MoE(nn.Module):
                                    (m.d_model, e.num_experts), jnp.float32, ("embed", "exp"))
     bias = self.variable("moe_state", "e_score_correction_bias",
                          lambda: jnp.zeros((e.num_experts,), jnp.float32))
-    logits = jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32))
-    weights, experts, scores = route(
-        logits, bias.value, top_k=e.top_k, n_group=e.n_group, topk_group=e.topk_group,
-        norm_topk_prob=e.norm_topk_prob, routed_scaling=e.routed_scaling)
-
     h = x2
     if e.latent_size is not None:
       h = self.linear(e.latent_size, ("embed", "latent"), m.init_std, dtype, pdtype,
@@ -210,11 +264,15 @@ class MoE(nn.Module):
     gmm = (self.gmm(self, h, up, down) if self.gmm
            else functools.partial(plain_gmm, impl=impl))
     if impl == "dense":
+      weights, experts, scores = route(
+          jnp.dot(x2.astype(jnp.float32), router.astype(jnp.float32)), bias.value,
+          top_k=e.top_k, n_group=e.n_group, topk_group=e.topk_group,
+          norm_topk_prob=e.norm_topk_prob, routed_scaling=e.routed_scaling)
       routed = dense_experts(h, weights, experts, up, down)
-    elif sharding.expert_axis_size() > 1:
-      routed = expert_parallel_experts(h, weights, experts, up, down, gmm=gmm)
+      load = expert_load(experts, e.num_experts)
+      balance, dropped = balance_loss(scores, load, e.top_k), jnp.zeros((), jnp.float32)
     else:
-      routed = ragged_experts(h, weights, experts, up, down, gmm=gmm)
+      routed, load, balance, dropped = self._sharded(x2, h, router, bias.value, up, down, gmm)
     routed = routed.astype(dtype)
     if e.latent_size is not None:
       routed = self.linear(m.d_model, ("latent", "embed"), self.out_std, dtype, pdtype,
@@ -223,7 +281,41 @@ class MoE(nn.Module):
     if e.shared_d_ff:
       out = out + MLP(m, e.shared_d_ff, self.out_std, self.linear, name="shared_experts")(x2)
 
-    load = expert_load(experts, e.num_experts)
     self.sow("moe_stats", "load", load)
-    self.sow("moe_stats", "balance_loss", balance_loss(scores, load, e.top_k))
+    self.sow("moe_stats", "balance_loss", balance)
+    self.sow("moe_stats", "dropped", dropped)
+    self.sow("moe_stats", "copies", jnp.float32(x2.shape[0] * e.top_k))
     return out.reshape(shape)
+
+  def _sharded(self, x, h, router, bias, up, down, gmm):
+    """`routed_moe` on each device's own tokens under the mesh in context (directly without
+    one). Specs come from the rules table: tokens split like the batch, experts and their
+    width as the parameters are; every other weight axis is gathered at the boundary
+    (for FSDP), so the gradients leave it reduce-scattered."""
+    e = self.cfg.moe
+    axis = "latent" if e.latent_size is not None else "embed"
+    body = functools.partial(routed_moe, cfg=e, gmm=gmm)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return body(x, h, router, bias, up, down)
+    rules = nn.get_logical_axis_rules() or sharding.RULES
+    tokens = sharding.spec(("batch", None), rules)
+    token_axes = sharding.spec_axes(tokens[0])
+    if x.shape[0] % math.prod(mesh.shape[a] for a in token_axes):
+      # Too few tokens to split (decoding a small batch): every shard sees all of them.
+      tokens, token_axes = P(None, None), ()
+    kept = ("exp", "expert_mlp")
+    up_spec = sharding.spec(("exp", axis, "expert_mlp"), rules, keep=kept)
+    down_spec = sharding.spec(("exp", "expert_mlp", axis), rules, keep=kept)
+    expert_axes = [a for a in sharding.spec_axes(up_spec[0]) if mesh.shape[a] > 1]
+    if len(expert_axes) > 1:
+      raise ValueError(f"the rules split experts over {expert_axes}; expected one mesh axis")
+    expert_axis = expert_axes[0] if expert_axes else None
+    capacity = None
+    if expert_axis is not None and expert_axis in token_axes:
+      copies = x.shape[0] // math.prod(mesh.shape[a] for a in token_axes) * e.top_k
+      capacity = ep_capacity(copies, mesh.shape[expert_axis], e.ep_capacity_factor)
+    body = functools.partial(body, token_axes=token_axes, expert_axis=expert_axis,
+                             tensor_axes=sharding.spec_axes(up_spec[2]), capacity=capacity)
+    return jax.shard_map(body, in_specs=(tokens, tokens, P(), P(), up_spec, down_spec),
+                         out_specs=(tokens, P(), P(), P()))(x, h, router, bias, up, down)
