@@ -136,7 +136,10 @@ class NemotronH(nn.Module):
 
   def head(self, h):
     """Hidden states after a final norm [.. d] -> logits [.. vocab] float32."""
-    return self.lm_head(h).astype(jnp.float32)
+    logits = self.lm_head(h).astype(jnp.float32)
+    if logits.ndim == 3:
+      logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    return logits
 
   def forward(self, tokens, segment_ids=None, caches=None, start=None, index=None):
     """-> (hidden after norm_f [b l d], per-layer caches). See the module docstring."""

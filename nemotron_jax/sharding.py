@@ -3,8 +3,9 @@
 Mesh axes: data (pure data parallel), fsdp (data parallel with parameters
 sharded along `embed`), tensor (attention heads, MLP width, Mamba heads,
 vocabulary), expert (experts split across devices, tokens exchanged by
-all-to-all in `layers/moe.py`). Activations are sharded along the batch over
-data, fsdp and expert together.
+all-to-all in `layers/moe.py`; dense weights split over it like fsdp).
+Activations are sharded along the batch over data, fsdp and expert together,
+and constrained by logical names inside each mixer and on the logits.
 """
 
 from __future__ import annotations
@@ -21,24 +22,51 @@ from nemotron_jax.config import ConfigError
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")
 
+# Logical axis -> mesh axes, by priority: a name takes the first of its rules whose mesh
+# axes the array has not used yet. Batch-like axes split over data, fsdp and expert
+# together. Weights split their model width (embed, latent) over fsdp and expert, so
+# the expert axis shards dense weights as FSDP does; expert weights, whose `exp` axis
+# takes `expert`, split their width over fsdp alone. Heads, widths and the vocabulary
+# split over tensor; `kv` (KV heads x head_dim of the K/V projections) and `kv_heads`
+# split only whole heads: `rules` replicates them where tensor does not divide the KV
+# heads, as Megatron-LM does.
 RULES = (
     ("batch", BATCH_AXES),
+    ("exp", "expert"),
+    ("embed", ("fsdp", "expert")),
     ("embed", "fsdp"),
+    ("latent", ("fsdp", "expert")),
+    ("latent", "fsdp"),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
     ("ssm_inner", "tensor"),
     ("ssm_heads", "tensor"),
     ("expert_mlp", "tensor"),
-    ("exp", "expert"),
-    ("latent", None),
     ("ssm_state", None),
     ("conv", None),
     ("norm", None),
     ("length", None),
     ("act_embed", None),
 )
+
+
+def rules(model_cfg=None, mesh: Mesh | None = None) -> tuple:
+  """RULES for a model on a mesh: K/V heads are replicated over `tensor` where its size
+  does not divide model.attention.num_kv_heads (never split inside a head)."""
+  if model_cfg is None or mesh is None or "*" not in (model_cfg.pattern + (
+      model_cfg.mtp.pattern if model_cfg.mtp.num_depths else "")):
+    return RULES
+  a, tensor = model_cfg.attention, mesh.shape["tensor"]
+  if a.num_heads % tensor:
+    raise ConfigError(f"mesh.tensor = {tensor} must divide model.attention.num_heads = "
+                      f"{a.num_heads}; pick a tensor size that divides it")
+  if a.num_kv_heads % tensor == 0:
+    return RULES
+  return tuple((name, None if name in ("kv", "kv_heads") else axes) for name, axes in RULES)
 
 
 def spec(logical, rules=None, keep=None) -> P:
@@ -83,10 +111,10 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
                        devices=devices)
 
 
-def logical_to_sharding(boxed_tree, mesh: Mesh):
-  """NamedShardings for a tree of logically partitioned (boxed) values."""
+def logical_to_sharding(boxed_tree, mesh: Mesh, table: tuple = RULES):
+  """NamedShardings for a tree of logically partitioned (boxed) values under `table`."""
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+  return nn.logical_to_mesh_sharding(specs, mesh, table)
 
 
 def check_divisible(abstract_tree, shardings, mesh: Mesh) -> None:
@@ -124,14 +152,6 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def expert_axis_size() -> int:
-  """Size of the `expert` axis of the mesh in context (1 outside a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or "expert" not in mesh.axis_names:
-    return 1
-  return mesh.shape["expert"]
 
 
 def local_batch_to_global(batch: dict, mesh: Mesh) -> dict:

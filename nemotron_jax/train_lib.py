@@ -150,6 +150,7 @@ class Trainer:
 
   def __init__(self, config, model: NemotronH, mesh: Mesh):
     self.config, self.model, self.mesh = config, model, mesh
+    self.rules = sharding.rules(config.model, mesh)
     self.tx = make_optimizer(config.train)
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.state_shardings = self._state_shardings()
@@ -181,7 +182,7 @@ class Trainer:
 
   def _state_shardings(self) -> TrainState:
     boxed = jax.eval_shape(self._boxed_init, jax.random.PRNGKey(0))
-    var_shardings = sharding.logical_to_sharding(boxed, self.mesh)
+    var_shardings = sharding.logical_to_sharding(boxed, self.mesh, self.rules)
     abstract = nn.meta.unbox(boxed)
     sharding.check_divisible(abstract, var_shardings, self.mesh)
     params_sh = var_shardings["params"]
@@ -244,7 +245,7 @@ class Trainer:
     the mutable collections."""
     variables = {"params": params, "moe_state": moe_state, **(extra or {})}
     mtp = mtp and self.config.model.mtp.num_depths > 0
-    with nn.logical_axis_rules(sharding.RULES):
+    with nn.logical_axis_rules(self.rules):
       out, stats = (model or self.model).apply(variables, batch["inputs"], batch["segment_ids"],
                                                 mtp=mtp, mutable=list(mutable), rngs=rngs)
     logits, mtp_logits = out if mtp else (out, [])

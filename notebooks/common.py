@@ -115,7 +115,7 @@ class Experiment:
     self._heldout = jax.jit(self._heldout_sums)
 
   def _heldout_sums(self, params, moe_state, batch):
-    with nn.logical_axis_rules(sharding.RULES):
+    with nn.logical_axis_rules(self.trainer.rules):
       logits, _ = self.model.apply({"params": params, "moe_state": moe_state}, batch["inputs"],
                                    batch["segment_ids"], mutable=["moe_stats"])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))

@@ -1,5 +1,7 @@
 """One train step under several meshes equals the unsharded step; parameters follow the rules."""
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -61,14 +63,17 @@ def test_sharded_step_matches_unsharded(shape, reference):
 
   params = state.params
   mesh_sizes = dict(zip(sharding.MESH_AXES, shape))
+  dense = ("fsdp", "expert")  # the model width of dense weights splits over both
   expected = {
-      ("layers_1", "mixer", "q_proj", "kernel"): P("fsdp", "tensor"),
-      ("layers_0", "mixer", "in_proj_x", "kernel"): P("fsdp", "tensor"),
-      ("layers_0", "mixer", "out_proj", "kernel"): P("tensor", "fsdp"),
-      ("layers_2", "mixer", "up_proj", "kernel"): P("fsdp", "tensor"),
+      ("layers_1", "mixer", "q_proj", "kernel"): P(dense, "tensor"),
+      ("layers_1", "mixer", "k_proj", "kernel"): P(dense, "tensor"),
+      ("layers_0", "mixer", "in_proj_x", "kernel"): P(dense, "tensor"),
+      ("layers_0", "mixer", "out_proj", "kernel"): P("tensor", dense),
+      ("layers_2", "mixer", "up_proj", "kernel"): P(dense, "tensor"),
       ("layers_3", "mixer", "experts_up"): P("expert", "fsdp", "tensor"),
-      ("embedding",): P("tensor", "fsdp"),
-      ("lm_head", "kernel"): P("fsdp", "tensor"),
+      ("layers_3", "mixer", "shared_experts", "up_proj", "kernel"): P(dense, "tensor"),
+      ("embedding",): P("tensor", dense),
+      ("lm_head", "kernel"): P(dense, "tensor"),
   }
   for path, spec in expected.items():
     leaf = params
@@ -77,8 +82,8 @@ def test_sharded_step_matches_unsharded(shape, reference):
     assert leaf.sharding.spec == spec, (path, leaf.sharding.spec)
     # Each device holds exactly its share of the array.
     shard = leaf.addressable_shards[0].data.shape
-    for dim, full, axis in zip(shard, leaf.shape, spec):
-      assert dim == full // (mesh_sizes[axis] if axis else 1)
+    for dim, full, axes in zip(shard, leaf.shape, spec):
+      assert dim == full // math.prod(mesh_sizes[a] for a in sharding.spec_axes(axes))
   opt_mu = state.opt_state[1][0].mu["layers_3"]["mixer"]["experts_up"]
   assert opt_mu.sharding.spec == P("expert", "fsdp", "tensor")
 
@@ -90,7 +95,10 @@ def test_mesh_errors_name_the_problem():
   c = mesh_config((-1, 1, 3, 1))
   with pytest.raises(ConfigError, match="multiple of 3 devices"):
     sharding.make_mesh(c.mesh)
-  c = mesh_config((1, 1, 8, 1))  # 4 Mamba heads cannot split 8 ways
+  c = mesh_config((1, 1, 8, 1))
   mesh = sharding.make_mesh(c.mesh)
+  with pytest.raises(ConfigError, match="mesh.tensor = 8 must divide model.attention.num_heads"):
+    Trainer(c, build_model(c), mesh)
+  c.model.pattern = "M-E"  # 4 Mamba heads cannot split 8 ways
   with pytest.raises(ConfigError, match=r"A_log'\] dim 4 over \('tensor',\) \(size 8\)"):
     Trainer(c, build_model(c), mesh)

@@ -104,13 +104,14 @@ class Attention(nn.Module):
     b, l, _ = x.shape
     hd = a.head_dim
 
-    def proj(name, heads, axis):
+    def proj(name, heads, axis, act_axis):
       y = self.linear(heads * hd, ("embed", axis), m.init_std, dtype, pdtype, name=name)(x)
-      return y.reshape(b, l, heads, hd)
+      return nn.with_logical_constraint(y.reshape(b, l, heads, hd),
+                                        ("batch", "length", act_axis, "head_dim"))
 
-    q = proj("q_proj", a.num_heads, "heads")
-    k = proj("k_proj", a.num_kv_heads, "kv")
-    v = proj("v_proj", a.num_kv_heads, "kv")
+    q = proj("q_proj", a.num_heads, "heads", "heads")
+    k = proj("k_proj", a.num_kv_heads, "kv", "kv_heads")
+    v = proj("v_proj", a.num_kv_heads, "kv", "kv_heads")
     if cache is None:
       positions = (jnp.broadcast_to(jnp.arange(l)[None], (b, l)) if segment_ids is None
                    else positions_from_segments(segment_ids))

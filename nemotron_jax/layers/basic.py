@@ -4,7 +4,8 @@ Every parameter carries logical axis names (MaxText style); `sharding.py`
 maps them to mesh axes in one table. The names used here:
   embed, vocab, mlp, heads (query heads x head_dim), kv (kv heads x head_dim),
   ssm_inner (Mamba heads x head_dim), ssm_heads, ssm_state (groups x d_state),
-  conv, exp (experts), latent, expert_mlp, norm.
+  conv, exp (experts), latent, expert_mlp, norm; activations add batch, length,
+  act_embed, kv_heads and head_dim.
 """
 
 from __future__ import annotations

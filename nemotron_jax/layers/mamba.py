@@ -143,7 +143,9 @@ class Mamba2(nn.Module):
     dt = jnp.clip(dt, a.dt_limit[0], a.dt_limit[1])
     A = -jnp.exp(A_log.astype(jnp.float32))
 
-    heads = (xs.reshape(b, l, h, p), dt, A, Bs.reshape(b, l, g, n), Cs.reshape(b, l, g, n), D)
+    xs = nn.with_logical_constraint(xs.reshape(b, l, h, p), ("batch", "length", "ssm_heads", None))
+    dt = nn.with_logical_constraint(dt, ("batch", "length", "ssm_heads"))
+    heads = (xs, dt, A, Bs.reshape(b, l, g, n), Cs.reshape(b, l, g, n), D)
     if decode:
       y, ssm_state = ssd_decode(*heads, initial_state=state.ssm)
       # The conv state after token t: the last k - 1 raw inputs up to t.
