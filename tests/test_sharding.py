@@ -1,13 +1,16 @@
 """One train step under several meshes equals the unsharded step; parameters follow the rules."""
 
 import math
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from nemotron_jax import ConfigError, build_model, sharding
+from nemotron_jax.layers import moe
 from nemotron_jax.train_lib import Trainer
 from conftest import tiny_config
 
@@ -52,6 +55,7 @@ def reference():
 def test_sharded_step_matches_unsharded(shape, reference):
   ref_state, ref_metrics = reference
   state, metrics = one_step(shape)
+  assert metrics["moe_dropped_fraction"] == 0.0  # nothing overflows, so the steps agree
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
   # Adam's first step moves each weight by about lr * sign(g); summation order changes g
@@ -102,3 +106,107 @@ def test_mesh_errors_name_the_problem():
   c.model.pattern = "M-E"  # 4 Mamba heads cannot split 8 ways
   with pytest.raises(ConfigError, match=r"A_log'\] dim 4 over \('tensor',\) \(size 8\)"):
     Trainer(c, build_model(c), mesh)
+
+
+# MoE at scale: compile-only checks of the train step on 8 simulated devices, at a shape
+# where every device holds 2 rows x 64 tokens (128 tokens, 512 token copies at top-4) and
+# the global batch holds 8 times that.
+ROWS, SEQ, TOP_K = 2, 64, 4
+COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (all-gather|all-reduce|all-to-all|"
+                        r"reduce-scatter|collective-permute)(?:-start)?\(", re.M)
+SHAPE = re.compile(r"\w+\[([\d,]*)\]")
+
+
+def moe_step(shape, *, latent=None):
+  """The compiled train step of a two-layer MoE model on a mesh of `shape`."""
+  c = tiny_config("EE", {"moe.num_experts": 16, "moe.top_k": TOP_K, "moe.d_ff": 16,
+                         "moe.shared_d_ff": 40, "moe.latent_size": latent})
+  c.data.seq_len = SEQ
+  for axis, size in zip(sharding.MESH_AXES, shape):
+    c.mesh[axis] = size
+  n = math.prod(shape)
+  c.train.batch_size = ROWS * n
+  trainer = Trainer(c, build_model(c), sharding.make_mesh(c.mesh, jax.devices()[:n]))
+  return trainer.compile_train_step()
+
+
+def collective_dims(compiled) -> dict:
+  """Collective op name -> set of operand/result shapes (tuples of dims) in the HLO."""
+  found = {}
+  for types, op in COLLECTIVE.findall(compiled.as_text()):
+    for dims in SHAPE.findall(types):
+      found.setdefault(op, set()).add(tuple(int(d) for d in dims.split(",") if d))
+  return found
+
+
+@pytest.fixture(scope="module")
+def one_device_moe():
+  return moe_step((1, 1, 1, 1)).memory_analysis()
+
+
+@pytest.mark.parametrize("shape,bound", [((8, 1, 1, 1), 1.3), ((1, 1, 1, 8), 1.5)],
+                         ids=["data8", "expert8"])
+def test_moe_runs_per_shard(shape, bound, one_device_moe):
+  compiled = moe_step(shape)
+  ratio = compiled.memory_analysis().temp_size_in_bytes / one_device_moe.temp_size_in_bytes
+  assert ratio <= bound, f"per-device temp is {ratio:.2f}x one device's with its share"
+  tokens, copies = ROWS * SEQ * 8, ROWS * SEQ * 8 * TOP_K
+  found = collective_dims(compiled)
+  for op, shapes in found.items():
+    for dims in shapes:
+      assert tokens not in dims and copies not in dims, f"{op} of global token shape {dims}"
+  if shape[3] > 1:
+    # Each destination gets ceil(2.0 * 512 / 8) = 128 rows: twice the even share, not
+    # the worst case of all 512.
+    a2a = {dims for dims in found["all-to-all"] if len(dims) == 3}
+    assert a2a == {(1, 128, 32)}, a2a
+
+
+def test_latent_moe_parameters_split_eight_ways():
+  one = moe_step((1, 1, 1, 1), latent=24).memory_analysis().argument_size_in_bytes
+  eight = moe_step((1, 4, 1, 2), latent=24).memory_analysis().argument_size_in_bytes
+  assert eight <= 1.25 * one / 8, f"fsdp 4 x expert 2 holds {8 * eight / one:.2f}/8 of the state"
+
+
+def test_expert_parallel_overflow_is_counted_exactly():
+  """Capacity 3 rows per destination: the copies past it are dropped, counted, and contribute
+  zero; everything else equals the dense reference."""
+  ep, t, k, d, f, e = 4, 6, 2, 8, 12, 8
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  x = jax.random.normal(keys[0], (ep * t, d))
+  logits = jax.random.normal(keys[1], (ep * t, e)) * 3
+  weights, experts, _ = moe.route(logits, jnp.zeros(e), top_k=k, n_group=1, topk_group=1,
+                                  norm_topk_prob=True, routed_scaling=1.0)
+  up = jax.random.normal(keys[2], (e, d, f)) / d ** 0.5
+  down = jax.random.normal(keys[3], (e, f, d)) / f ** 0.5
+  capacity = 3
+  mesh = jax.make_mesh((ep,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:ep])
+
+  def body(*args):
+    out, dropped = moe.expert_parallel_experts(*args, axis="expert", capacity=capacity)
+    return out, dropped[None]
+
+  split = P("expert")
+  out, dropped = jax.shard_map(body, mesh=mesh, in_specs=(split,) * 5,
+                               out_specs=(split, split))(x, weights, experts, up, down)
+  # Reference: per source shard, copies in (expert, token, slot) order fill each
+  # destination's rows; those past `capacity` are dropped.
+  ids = np.asarray(experts)
+  kept = np.ones(ids.shape, bool)
+  expected_drops = []
+  for s in range(ep):
+    used = np.zeros(ep, int)
+    drops = 0
+    rows = ids[s * t:(s + 1) * t]
+    for flat in sorted(range(t * k), key=lambda i: (rows.reshape(-1)[i], i)):
+      dest = rows.reshape(-1)[flat] // (e // ep)
+      if used[dest] >= capacity:
+        kept[s * t + flat // k, flat % k] = False
+        drops += 1
+      used[dest] += 1
+    expected_drops.append(drops)
+  assert sum(expected_drops) > 0  # the case really overflows
+  np.testing.assert_array_equal(np.asarray(dropped), expected_drops)
+  reference = moe.dense_experts(x, jnp.where(kept, weights, 0.0), experts, up, down)
+  np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)

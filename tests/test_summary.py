@@ -154,3 +154,21 @@ def test_cli_json_has_the_keys_and_takes_overrides():
   # One more expert per token in each of the 3 MoE layers.
   assert s["active"] - counts("tiny_moe")["active"] == 3 * expert
   assert s["train_flops_per_token"] == 3 * s["forward_flops_per_token"]
+
+
+def test_cli_memory_report_splits_the_state_and_names_a_bad_mesh():
+  cmd = [sys.executable, "-m", "nemotron_jax.summary", "--config=configs/tiny_moe.py", "--json",
+         "--memory", "--devices=4", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+         "--config.train.batch_size=4", "--config.data.seq_len=32"]
+  s = json.loads(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.splitlines()[-1])
+  r = s["memory"]
+  assert r["devices"] == 4 and r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 1}
+  b = r["per_device_bytes"]
+  assert b["peak"] == b["arguments"] + b["outputs"] + b["temp"] - b["aliased"]
+  # float32 parameters and two Adam moments, a quarter of them per device.
+  state = 3 * 4 * s["total"]
+  assert state / 4 <= b["arguments"] <= 1.25 * state / 4, b["arguments"] / state
+  bad = subprocess.run(cmd[:-4] + ["--config.mesh.data=3", "--config.mesh.fsdp=1"], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert bad.returncode != 0 and "has 3 devices but there are 4" in bad.stderr
