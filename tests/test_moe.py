@@ -101,3 +101,19 @@ def test_blocked_dot_equals_ragged_dot_across_block_edges():
   out = moe.blocked_dot(x, w, sizes, block=64)
   np.testing.assert_allclose(out, jax.lax.ragged_dot(x, w, sizes), atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(out[290:], 0.0)
+
+
+@pytest.mark.parametrize("gather_bytes", [10 ** 9, 3 * 8 * 5 * 4], ids=["batched", "chunks_of_3"])
+def test_blocked_dot_values_and_gradients_in_one_step_or_chunks(gather_bytes):
+  """The chunked scan (3 blocks of weights per step, 8 blocks in all) equals ragged_dot."""
+  k = jax.random.split(jax.random.PRNGKey(4), 3)
+  x = jax.random.normal(k[0], (300, 8))
+  w = jax.random.normal(k[1], (4, 8, 5))
+  probe = jax.random.normal(k[2], (300, 5))
+  sizes = jnp.array([130, 0, 129, 31], jnp.int32)
+  loss = lambda f: lambda x, w: jnp.sum(f(x, w) * probe)
+  blocked = lambda x, w: moe.blocked_dot(x, w, sizes, block=64, gather_bytes=gather_bytes)
+  ragged = lambda x, w: jax.lax.ragged_dot(x, w, sizes)
+  np.testing.assert_allclose(blocked(x, w), ragged(x, w), atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.grad(loss(blocked), (0, 1))(x, w), jax.grad(loss(ragged), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -76,12 +76,22 @@ def balance_loss_from_sums(share, load, num_tokens: int, top_k: int):
   return jnp.sum(load * e / (top_k * num_tokens) * share / num_tokens)
 
 
-def blocked_dot(x, w, group_sizes, block: int = 128):
-  """`jax.lax.ragged_dot` semantics (x [m k], w [g k n], rows sorted by group) as one
-  batched matmul: each group's rows are padded to whole blocks of `block` rows, and
-  each block multiplies its group's weight. Rows past sum(group_sizes) give zeros."""
+# Weights gathered for one step of `blocked_dot`; past this it loops over chunks of blocks.
+GATHER_BYTES = 64 * 2 ** 20
+
+
+def blocked_dot(x, w, group_sizes, block: int = 128, gather_bytes: int = GATHER_BYTES):
+  """`jax.lax.ragged_dot` semantics (x [m k], w [g k n], rows sorted by group) as batched
+  matmuls: each group's rows are padded to whole blocks of `block` rows, and each block
+  multiplies its group's weight. Rows past sum(group_sizes) give zeros.
+
+  Each block needs its own copy of a [k n] weight. While those copies fit in
+  `gather_bytes` they are gathered at once and one batched matmul runs; beyond
+  that a scan runs chunks of blocks, rematerialised, so memory holds one chunk's
+  copies (forward and backward) instead of a weight per block.
+  """
   m, k = x.shape
-  g = w.shape[0]
+  g, _, n = w.shape
   blocks = -(-m // block) + g  # room for every group's partial last block
   aligned = -(-group_sizes // block) * block
   ends = jnp.cumsum(group_sizes)
@@ -91,9 +101,25 @@ def blocked_dot(x, w, group_sizes, block: int = 128):
   group = jnp.minimum(group, g - 1)
   dest = jnp.where(valid, jnp.arange(m) - start[group] + start_aligned[group], blocks * block)
   xa = jnp.zeros((blocks * block, k), x.dtype).at[dest].set(x, mode="drop")
-  block_group = jnp.searchsorted(jnp.cumsum(aligned), jnp.arange(blocks) * block, side="right")
-  ya = jnp.einsum("bmk,bkn->bmn", xa.reshape(blocks, block, k),
-                  w[jnp.minimum(block_group, g - 1)]).reshape(blocks * block, -1)
+  block_group = jnp.minimum(
+      jnp.searchsorted(jnp.cumsum(aligned), jnp.arange(blocks) * block, side="right"), g - 1)
+  xb = xa.reshape(blocks, block, k)
+  chunk = max(1, min(blocks, gather_bytes // (k * n * w.dtype.itemsize)))
+  if chunk == blocks:
+    ya = jnp.einsum("bmk,bkn->bmn", xb, w[block_group])
+  else:
+    steps = -(-blocks // chunk)
+    pad = steps * chunk - blocks  # zero rows of group 0: zero outputs, zero weight gradient
+    xs = jnp.pad(xb, ((0, pad), (0, 0), (0, 0))).reshape(steps, chunk, block, k)
+    gs = jnp.pad(block_group, (0, pad)).reshape(steps, chunk)
+
+    @jax.checkpoint
+    def step(_, inputs):
+      xc, gc = inputs
+      return None, jnp.einsum("bmk,bkn->bmn", xc, w[gc])
+
+    ya = jax.lax.scan(step, None, (xs, gs))[1].reshape(steps * chunk, block, n)[:blocks]
+  ya = ya.reshape(blocks * block, n)
   return jnp.where(valid[:, None], ya[jnp.minimum(dest, blocks * block - 1)], 0)
 
 
