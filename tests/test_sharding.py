@@ -168,9 +168,11 @@ def test_latent_moe_parameters_split_eight_ways():
   assert eight <= 1.25 * one / 8, f"fsdp 4 x expert 2 holds {8 * eight / one:.2f}/8 of the state"
 
 
-def test_expert_parallel_overflow_is_counted_exactly():
+@pytest.mark.parametrize("exchange", ["padded", "emulated"])
+def test_expert_parallel_overflow_is_counted_exactly(exchange):
   """Capacity 3 rows per destination: the copies past it are dropped, counted, and contribute
-  zero; everything else equals the dense reference."""
+  zero; everything else equals the dense reference. "emulated" checks the offsets of the
+  ragged exchange that accelerators run."""
   ep, t, k, d, f, e = 4, 6, 2, 8, 12, 8
   keys = jax.random.split(jax.random.PRNGKey(3), 4)
   x = jax.random.normal(keys[0], (ep * t, d))
@@ -184,7 +186,8 @@ def test_expert_parallel_overflow_is_counted_exactly():
                        devices=jax.devices()[:ep])
 
   def body(*args):
-    out, dropped = moe.expert_parallel_experts(*args, axis="expert", capacity=capacity)
+    out, dropped = moe.expert_parallel_experts(*args, axis="expert", capacity=capacity,
+                                               exchange=exchange)
     return out, dropped[None]
 
   split = P("expert")
@@ -210,3 +213,20 @@ def test_expert_parallel_overflow_is_counted_exactly():
   np.testing.assert_array_equal(np.asarray(dropped), expected_drops)
   reference = moe.dense_experts(x, jnp.where(kept, weights, 0.0), experts, up, down)
   np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_parallel_step_sends_ragged_rows_on_gpu():
+  """Exported for CUDA, the expert-parallel train step exchanges tokens with
+  ragged-all-to-all (only the real rows); on CPU it runs the padded all-to-all."""
+  c = tiny_config("E", {"moe.num_experts": 8, "moe.top_k": 2})
+  c.data.seq_len, c.train.batch_size = 16, 4
+  c.mesh.data, c.mesh.expert = 1, 4
+  trainer = Trainer(c, build_model(c), sharding.make_mesh(c.mesh, jax.devices()[:4]))
+  with jax.set_mesh(trainer.mesh):
+    exported = jax.export.export(trainer._train_jit, platforms=("cuda",), disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")])(
+        trainer.abstract_state(), trainer.abstract_batch())
+  text = exported.mlir_module()
+  # Forward: rows and expert ids out, results back; backward: the transposes of both ways.
+  assert text.count("@ragged_all_to_all(") >= 4, "no ragged exchange in the CUDA module"
+  assert "ragged-all-to-all" not in trainer.compile_train_step().as_text()

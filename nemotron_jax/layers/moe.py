@@ -168,15 +168,34 @@ def ep_capacity(copies: int, ep: int, capacity_factor: float | None) -> int:
   return max(1, min(copies, math.ceil(capacity_factor * copies / ep)))
 
 
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name: str, max_rows: int):
+  """`jax.lax.ragged_all_to_all` from a padded all-to-all of `max_rows` rows per peer (each
+  send size at most that), for backends without the ragged collective and for tests."""
+  ep = jax.lax.axis_size(axis_name)
+  rows = jnp.arange(max_rows)
+  take = jnp.minimum(input_offsets[:, None] + rows, operand.shape[0] - 1)
+  chunks = jax.lax.all_to_all(operand[take], axis_name, 0, 0)  # [ep, max_rows, ...] by sender
+  where = jax.lax.all_to_all(output_offsets, axis_name, 0, 0)  # where each sender writes here
+  dest = jnp.where(rows < recv_sizes[:, None], where[:, None] + rows, output.shape[0])
+  return output.at[dest.reshape(-1)].set(chunks.reshape(ep * max_rows, *operand.shape[1:]),
+                                         mode="drop")
+
+
 def expert_parallel_experts(x, weights, experts, up, down, *, axis: str, capacity: int,
-                            gmm: Callable = plain_gmm):
+                            gmm: Callable = plain_gmm, exchange: str = "auto"):
   """Inside `shard_map`: this shard's tokens through experts split over mesh axis `axis`.
 
   x [t d], weights/experts [t k] are this shard's; up [e/ep d f], down [e/ep f d] its
-  experts. One all-to-all sends each token copy to the shard holding its expert,
-  at most `capacity` rows per destination; the local experts run dropless on what
-  arrives; a second all-to-all returns the results. -> (out [t d] float32, the
-  number of copies dropped for want of capacity; their output is zero).
+  experts. Token copies, sorted by expert, go to the shards holding their experts
+  and come back after the local experts ran dropless on what arrived; each shard
+  receives at most `capacity` rows from each other shard, so the receive buffer
+  holds ep x capacity rows. `exchange`: "padded" sends every destination a full
+  [capacity, d] block (all_to_all); "ragged" sends only the real rows
+  (`ragged_all_to_all`, which XLA:CPU lacks); "emulated" runs the ragged
+  exchange's offsets over a padded all-to-all; "auto" is padded on CPU and
+  ragged elsewhere. -> (out [t d] float32, the number of copies dropped for want
+  of capacity; their output is zero).
   """
   t, k = experts.shape
   ep = jax.lax.axis_size(axis)
@@ -186,22 +205,56 @@ def expert_parallel_experts(x, weights, experts, up, down, *, axis: str, capacit
   expert = flat[order]
   token = order // k
   dest = expert // local_experts
-  counts = jnp.bincount(dest, length=ep)
-  pos = jnp.arange(t * k) - (jnp.cumsum(counts) - counts)[dest]
+  counts = jnp.bincount(dest, length=ep).astype(jnp.int32)
+  starts = jnp.cumsum(counts) - counts
+  pos = jnp.arange(t * k) - starts[dest]
   kept = pos < capacity
-  slot = jnp.where(kept, pos, capacity)  # out of bounds: the scatters drop it
-  send = jnp.zeros((ep, capacity, x.shape[-1]), x.dtype).at[dest, slot].set(x[token], mode="drop")
-  # Free rows carry the id `local_experts`, past every real group, so they sort last.
-  send_id = jnp.full((ep, capacity), local_experts, jnp.int32).at[dest, slot].set(
-      expert % local_experts, mode="drop")
-  rows = jax.lax.all_to_all(send, axis, 0, 0).reshape(ep * capacity, -1)
-  ids = jax.lax.all_to_all(send_id, axis, 0, 0).reshape(-1)
-  by_expert = jnp.argsort(ids, stable=True)
-  sizes = jnp.bincount(ids, length=local_experts).astype(jnp.int32)
-  h = relu2(gmm(rows[by_expert], up, sizes, "up"))
-  out = gmm(h.astype(x.dtype), down, sizes, "down")
-  out = jnp.zeros_like(out).at[by_expert].set(out).reshape(ep, capacity, -1)
-  back = jax.lax.all_to_all(out, axis, 0, 0)[dest, jnp.minimum(slot, capacity - 1)]
+  rows, ids = x[token], (expert % local_experts).astype(jnp.int32)
+
+  def padded():
+    slot = jnp.where(kept, pos, capacity)  # out of bounds: the scatters drop it
+    send = jnp.zeros((ep, capacity, x.shape[-1]), x.dtype).at[dest, slot].set(rows, mode="drop")
+    # Free rows carry the id `local_experts`, past every real group, so they sort last.
+    send_id = jnp.full((ep, capacity), local_experts, jnp.int32).at[dest, slot].set(
+        ids, mode="drop")
+    got = jax.lax.all_to_all(send, axis, 0, 0).reshape(ep * capacity, -1)
+    got_id = jax.lax.all_to_all(send_id, axis, 0, 0).reshape(-1)
+    out = run(got, got_id)
+    back = jax.lax.all_to_all(out.reshape(ep, capacity, -1), axis, 0, 0)
+    return jnp.where(kept[:, None], back[dest, jnp.minimum(pos, capacity - 1)], 0)
+
+  def ragged(collective):
+    send = jnp.minimum(counts, capacity)
+    recv = jax.lax.all_to_all(send, axis, 0, 0)
+    here = jnp.full((ep,), jax.lax.axis_index(axis) * capacity, jnp.int32)
+    slots = jnp.arange(ep, dtype=jnp.int32) * capacity
+    # The received buffers vary over the mesh as the operands do (their initial values
+    # alone would not): adding a zero row of the operand makes them so.
+    exchange_ = lambda operand, output, *sizes: collective(
+        operand, output + jnp.zeros_like(operand[:1]), *sizes, axis_name=axis)
+    got = exchange_(rows, jnp.zeros((ep * capacity, x.shape[-1]), x.dtype), starts, send, here,
+                    recv)
+    got_id = exchange_(ids, jnp.full((ep * capacity,), local_experts, jnp.int32), starts, send,
+                       here, recv)
+    out = run(got, got_id)
+    # Back to where each sender's rows started; dropped copies were never sent and stay zero.
+    return exchange_(out, jnp.zeros((t * k, out.shape[-1]), out.dtype), slots, recv,
+                     jax.lax.all_to_all(starts, axis, 0, 0), send)
+
+  def run(got, got_id):
+    by_expert = jnp.argsort(got_id, stable=True)
+    sizes = jnp.bincount(got_id, length=local_experts).astype(jnp.int32)
+    h = relu2(gmm(got[by_expert], up, sizes, "up"))
+    out = gmm(h.astype(x.dtype), down, sizes, "down")
+    return jnp.zeros_like(out).at[by_expert].set(out)
+
+  emulated = functools.partial(emulated_ragged_all_to_all, max_rows=capacity)
+  if exchange == "auto":
+    back = jax.lax.platform_dependent(
+        cpu=padded, default=functools.partial(ragged, jax.lax.ragged_all_to_all))
+  else:
+    back = {"padded": padded, "emulated": functools.partial(ragged, emulated),
+            "ragged": functools.partial(ragged, jax.lax.ragged_all_to_all)}[exchange]()
   back = back.astype(jnp.float32) * jnp.where(kept, weights.reshape(-1)[order], 0.0)[:, None]
   routed = jnp.zeros((t, back.shape[-1]), jnp.float32).at[token].add(back)
   return routed, jnp.sum(~kept).astype(jnp.float32)
