@@ -49,8 +49,8 @@ def model_config() -> ml_collections.ConfigDict:
   c.mamba.dt_min = 1e-3
   c.mamba.dt_max = 0.1
   c.mamba.dt_init_floor = 1e-4
-  # Bounds applied to dt after the softplus; transformers' nemotron_h uses
-  # (time_step_min, inf), which `hf.load_checkpoint` sets.
+  # Bounds applied to dt after the softplus: NVIDIA's `time_step_limit`, default no
+  # clamp (transformers' nemotron_h clamps at (time_step_min, inf) instead, see hf.py).
   c.mamba.dt_limit = (0.0, float("inf"))
   c.mamba.A_init_range = (1.0, 16.0)
   c.mamba.ssd_impl = "xla"
