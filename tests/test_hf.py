@@ -281,3 +281,37 @@ def test_export_time_is_linear_in_the_expert_count(tmp_path):
       runs.append(time.perf_counter() - start)
     times[experts] = min(runs)
   assert times[128] <= 2.5 * times[16], times
+
+
+def test_two_processes_read_only_their_slices(tmp_path):
+  import socket
+  import subprocess
+  import sys
+  from conftest import TEST_XLA_FLAGS
+  path = str(tmp_path / "m")
+  build_reference("moe", path)
+  config, variables = hf.load_checkpoint(path)
+  tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, (3, 21))
+  expected = np.asarray(jax.jit(build_model(config).apply)(variables, jnp.asarray(tokens, jnp.int32)))
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  env = dict(os.environ, XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=2")
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_load_worker.py")
+  procs = [subprocess.Popen([sys.executable, worker, path, str(tmp_path), address, "2", str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  reads = []
+  for i in range(2):
+    with open(tmp_path / f"process_{i}.json") as f:
+      reads.append(json.load(f)["bytes_read"])
+  total = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*.safetensors")))
+  # Matrices are split over the 4 devices, so each process reads about half of the file;
+  # only the small replicated vectors are read by both.
+  print(f"bytes read per process {reads} of {total}")
+  for n in reads:
+    assert 0.4 * total < n < 0.6 * total, (reads, total)
+  np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-5, rtol=0)
