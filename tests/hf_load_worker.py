@@ -5,7 +5,8 @@
 Loads CHECKPOINT on a mesh of every process's devices (fsdp over all of them),
 counts the bytes this process reads from the safetensors files, computes the
 logits of fixed tokens, and writes OUT_DIR/process_{i}.json (bytes read) and,
-on process 0, OUT_DIR/logits.npy.
+on process 0, OUT_DIR/logits.npy; then saves the sharded variables to
+OUT_DIR/export.
 """
 
 import json
@@ -54,6 +55,8 @@ def main(path, out, address, num_processes, process_id):
     json.dump({"bytes_read": counted["bytes"], "devices": jax.local_device_count()}, f)
   if jax.process_index() == 0:
     np.save(os.path.join(out, "logits.npy"), np.asarray(logits.addressable_data(0)))
+  # Variables spanning both processes: each process takes part, process 0 writes.
+  hf.save_checkpoint(config, variables, os.path.join(out, "export"), max_shard_bytes=50_000)
   jax.distributed.shutdown()
 
 

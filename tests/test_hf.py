@@ -283,7 +283,7 @@ def test_export_time_is_linear_in_the_expert_count(tmp_path):
   assert times[128] <= 2.5 * times[16], times
 
 
-def test_two_processes_read_only_their_slices(tmp_path):
+def test_two_processes_read_only_their_slices_and_export_together(tmp_path):
   import socket
   import subprocess
   import sys
@@ -311,7 +311,15 @@ def test_two_processes_read_only_their_slices(tmp_path):
   total = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*.safetensors")))
   # Matrices are split over the 4 devices, so each process reads about half of the file;
   # only the small replicated vectors are read by both.
-  print(f"bytes read per process {reads} of {total}")
   for n in reads:
     assert 0.4 * total < n < 0.6 * total, (reads, total)
   np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), expected, atol=1e-5, rtol=0)
+  # The export of variables that span both processes holds the original tensors.
+  exported = {}
+  for f in glob.glob(str(tmp_path / "export" / "*.safetensors")):
+    exported.update(load_file(f))
+  assert len(glob.glob(str(tmp_path / "export" / "*.safetensors"))) > 1
+  original = load_file(os.path.join(path, "model.safetensors"))
+  assert exported.keys() == original.keys()
+  for name, value in original.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
