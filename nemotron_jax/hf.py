@@ -480,6 +480,22 @@ def _build_variable(reader: _Reader, src: _Source, leaf, leaf_sharding) -> jax.A
   return jax.make_array_from_callback(leaf.shape, leaf_sharding, shard)
 
 
+def _resolve_mtp(m, names: set) -> set:
+  """The hub tensor names to load: MTP tensors only where config.json declares MTP layers; a
+  declared MTP head without tensors is dropped (model.mtp.num_depths = 0)."""
+  mtp = {k for k in names if k.startswith("mtp.")}
+  if mtp and not m.mtp.num_depths:
+    log.warning("%d MTP tensors (mtp.*) are not loaded: config.json declares no MTP layers "
+                "(num_nextn_predict_layers)", len(mtp))
+    return names - mtp
+  if m.mtp.num_depths and not mtp:
+    # transformers' save_pretrained keeps the MTP config but has no MTP weights to save.
+    log.warning("config.json declares MTP layers but the checkpoint holds no mtp.* tensors: "
+                "loading without the MTP head")
+    m.mtp.num_depths = 0
+  return names
+
+
 def read_config(path: str, *, dt_limit: str = "checkpoint") -> ml_collections.ConfigDict:
   """The full config of a hub checkpoint folder's config.json."""
   cfg_path = os.path.join(path, "config.json")
@@ -500,7 +516,7 @@ def load_checkpoint(path: str, *, mesh=None, dt_limit: str = "checkpoint",
   weights; `model.compute_dtype` is left as it is). `dt_limit` chooses the dt
   clamp: "checkpoint" (NVIDIA's semantics) or "transformers" (see the module
   docstring). `config`, when given, replaces the one read from config.json;
-  it must describe the same shapes (see `init_config`).
+  it must describe the checkpoint's shapes (as `init_config`'s does).
   """
   if config is None:
     config = read_config(path, dt_limit=dt_limit)
@@ -510,17 +526,7 @@ def load_checkpoint(path: str, *, mesh=None, dt_limit: str = "checkpoint",
                             f"{list(config_lib.DTYPES)}")
     config.model.param_dtype = param_dtype
   reader = _Reader(path)
-  names = set(reader.files)
-  mtp = sorted(k for k in names if k.startswith("mtp."))
-  if mtp and not config.model.mtp.num_depths:
-    log.warning("%d MTP tensors (mtp.*) are not loaded: config.json declares no MTP layers "
-                "(num_nextn_predict_layers)", len(mtp))
-    names -= set(mtp)
-  if config.model.mtp.num_depths and not mtp:
-    # transformers' save_pretrained keeps the MTP config but has no MTP weights to save.
-    log.warning("config.json declares MTP layers but the checkpoint holds no mtp.* tensors: "
-                "loading without the MTP head")
-    config.model.mtp.num_depths = 0
+  names = _resolve_mtp(config.model, set(reader.files))
 
   layout = _layout(config.model)
   expected = hub_shapes(config)
@@ -549,6 +555,54 @@ def load_checkpoint(path: str, *, mesh=None, dt_limit: str = "checkpoint",
   log.info("%s: read %d bytes of hub tensors on process %d", path, reader.bytes_read,
            jax.process_index())
   return config, variables
+
+
+# Model fields that change numerics but no shape: a run starting from a hub checkpoint keeps
+# its own values of these (and of every field under them).
+NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "remat", "mamba.ssd_impl", "mamba.kernel",
+                   "moe.impl", "moe.ep_capacity_factor", "moe.bias_update_rate",
+                   "moe.balance_loss_coef", "mtp.loss_scale", "precision", "generation")
+
+
+def _flat(node, prefix: str = ""):
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flat(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _numerics(field: str) -> bool:
+  return any(field == f or field.startswith(f + ".") for f in NUMERICS_FIELDS)
+
+
+def init_config(config, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The run's config with its model section from `config.init.hf_checkpoint`'s config.json.
+
+  The fields in NUMERICS_FIELDS keep the run's values (preset and command line);
+  every other model field, dt_limit included (chosen by `init.dt_limit`), comes
+  from the checkpoint. `overrides` are the command line's flattened fields
+  ("model.d_model": 64, ...): one naming any other model field raises
+  ConfigError, since it would change the shapes of the checkpoint's weights.
+  """
+  path = config.init.hf_checkpoint
+  for key in sorted(overrides or {}):
+    if key.startswith("model.") and not _numerics(key[len("model."):]):
+      raise config_lib.ConfigError(
+          f"--config.{key} cannot be set with init.hf_checkpoint={path!r}: the model comes from "
+          "its config.json; overridable model fields: " + ", ".join(NUMERICS_FIELDS))
+  model = read_config(path, dt_limit=config.init.dt_limit).model
+  _resolve_mtp(model, set(_weight_files(path)))
+  for field, value in _flat(config.model):
+    if _numerics(field):
+      *parents, leaf = field.split(".")
+      node = model
+      for name in parents:
+        node = node[name]
+      node[leaf] = value
+  out = config.copy_and_resolve_references()
+  out.model = model
+  return config_lib.validate(out)
 
 
 # --- save -----------------------------------------------------------------------------------
