@@ -83,14 +83,6 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
   return step
 
 
-flags.DEFINE_string("workdir", None, "A train.py workdir.")
-flags.DEFINE_string("out", None, "The Hugging Face checkpoint folder to write.")
-flags.DEFINE_integer("step", None, "The checkpoint step to export (default: the latest).")
-flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES),
-                  "dtype of the written tensors (default: model.param_dtype).")
-flags.mark_flags_as_required(["workdir", "out"])
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -103,4 +95,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: eval.py imports this module's loader with flags of its own.
+  flags.DEFINE_string("workdir", None, "A train.py workdir.")
+  flags.DEFINE_string("out", None, "The Hugging Face checkpoint folder to write.")
+  flags.DEFINE_integer("step", None, "The checkpoint step to export (default: the latest).")
+  flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES),
+                    "dtype of the written tensors (default: model.param_dtype).")
+  flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)
