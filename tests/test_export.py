@@ -18,19 +18,29 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from conftest import TEST_XLA_FLAGS  # noqa: E402
 from nemotron_jax import build_model, config as config_lib, export, hf, sharding  # noqa: E402
+from nemotron_jax import train_loop  # noqa: E402
 from nemotron_jax.generate import generate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# configs/tiny.py at test size; the model fields apply to the first run only.
-MODEL = ["--config.model.d_model=32", "--config.model.mamba.num_heads=4",
-         "--config.model.mamba.head_dim=8", "--config.model.mamba.d_state=16",
-         "--config.model.mamba.chunk_size=16", "--config.model.attention.head_dim=8",
-         "--config.model.mlp.d_ff=64", "--config.model.moe.num_experts=4",
-         "--config.model.moe.d_ff=32", "--config.model.moe.shared_d_ff=32",
-         "--config.model.mtp.num_depths=1"]
-RUN = ["--config.data.seq_len=64", "--config.train.batch_size=8", "--config.train.log_every=1",
-       "--config.train.warmup_steps=2", "--config.train.eval_batches=1",
-       "--config.train.sample_tokens=0", "--config.checkpoint.async_save=False"]
+# configs/tiny.py at test size (every mixer, an MTP head); the model fields apply to the
+# first run only, the fine-tuning run takes its model from the exported config.json.
+MODEL = {"pattern": "ME*-", "d_model": 32, "mamba.num_heads": 4, "mamba.head_dim": 8,
+         "mamba.d_state": 16, "mamba.chunk_size": 16, "attention.head_dim": 8, "mlp.d_ff": 64,
+         "moe.num_experts": 4, "moe.d_ff": 32, "moe.shared_d_ff": 32, "mtp.num_depths": 1}
+RUN = {"data.seq_len": 64, "train.batch_size": 8, "train.log_every": 1, "train.warmup_steps": 2,
+       "train.eval_batches": 1, "train.sample_tokens": 0, "checkpoint.async_save": False}
+
+
+def tiny_run_config(steps: int):
+  config = config_lib.load_config(os.path.join(ROOT, "configs", "tiny.py"))
+  for key, value in [*(("model." + k, v) for k, v in MODEL.items()), *RUN.items(),
+                     ("train.steps", steps)]:
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return config_lib.validate(config)
 
 
 def run(*args, devices=4):
@@ -48,8 +58,7 @@ def losses(workdir):
 
 def test_train_export_load_in_transformers_and_fine_tune(tmp_path):
   trained, hub, tuned = (str(tmp_path / n) for n in ("trained", "hub", "tuned"))
-  run("train.py", "--config=configs/tiny.py", f"--workdir={trained}", "--config.train.steps=12",
-      *MODEL, *RUN)
+  train_loop.run(tiny_run_config(steps=12), trained)  # what train.py runs
   first = losses(trained)
   run("-m", "nemotron_jax.export", f"--workdir={trained}", f"--out={hub}")
   names = set()
@@ -71,7 +80,8 @@ def test_train_export_load_in_transformers_and_fine_tune(tmp_path):
 
   # Fine-tuning starts at the trained loss (same first batch), not at a fresh model's.
   proc = run("train.py", "--config=configs/tiny.py", f"--workdir={tuned}",
-             f"--config.init.hf_checkpoint={hub}", "--config.train.steps=1", *RUN)
+             f"--config.init.hf_checkpoint={hub}", "--config.train.steps=1",
+             *(f"--config.{k}={v}" for k, v in RUN.items()))
   assert "started from the weights of" in proc.stdout
   start = losses(tuned)[0]
   assert first[0] - first[-1] > 0.5, first  # the first run learned something
@@ -82,9 +92,12 @@ def test_train_export_load_in_transformers_and_fine_tune(tmp_path):
   c.init.hf_checkpoint = hub
   with pytest.raises(config_lib.ConfigError, match="model.d_model cannot be set"):
     hf.init_config(c, {"model.d_model": 64})
-  # Numerics-only fields keep the run's values.
+  # Numerics-only fields keep the run's values (here as if set on the command line).
+  c.model.compute_dtype, c.model.remat = "bfloat16", True
   tuned_config = hf.init_config(c, {"model.compute_dtype": "bfloat16", "model.remat": True})
-  assert tuned_config.model.d_model == 32 and tuned_config.model.mtp.num_depths == 1
+  assert tuned_config.model.d_model == 32 and tuned_config.model.pattern == "ME*-"
+  assert tuned_config.model.compute_dtype == "bfloat16" and tuned_config.model.remat
+  assert tuned_config.model.mtp.num_depths == 1
 
 
 def test_generate_with_sharded_parameters(tmp_path):
