@@ -323,3 +323,18 @@ def test_two_processes_read_only_their_slices_and_export_together(tmp_path):
   assert exported.keys() == original.keys()
   for name, value in original.items():
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
+
+def test_float8_tensors_load_cast_once(tmp_path):
+  # The safetensors library cannot hand float8 to numpy; those tensors are read via the header.
+  from safetensors.torch import load_file as load_torch, save_file as save_torch
+  path = str(tmp_path / "m")
+  build_reference("dense", path)
+  tensors = load_torch(os.path.join(path, "model.safetensors"))
+  name = "backbone.layers.1.mixer.up_proj.weight"
+  tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+  save_torch(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  _, variables = hf.load_checkpoint(path)
+  expected = tensors[name].to(torch.float32).numpy().T
+  np.testing.assert_array_equal(np.asarray(variables["params"]["layers_1"]["mixer"]["up_proj"]["kernel"]),
+                                expected)
