@@ -590,7 +590,8 @@ def init_config(config, overrides: dict | None = None) -> ml_collections.ConfigD
     if key.startswith("model.") and not _numerics(key[len("model."):]):
       raise config_lib.ConfigError(
           f"--config.{key} cannot be set with init.hf_checkpoint={path!r}: the model comes from "
-          "its config.json; overridable model fields: " + ", ".join(NUMERICS_FIELDS))
+          "its config.json; overridable model fields: " + ", ".join(NUMERICS_FIELDS)
+          + " (the dt clamp: init.dt_limit)")
   model = read_config(path, dt_limit=config.init.dt_limit).model
   _resolve_mtp(model, set(_weight_files(path)))
   for field, value in _flat(config.model):
