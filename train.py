@@ -44,8 +44,8 @@ def main(argv):
   import jax
   from nemotron_jax import config as config_lib
   from nemotron_jax import hf, train_loop
-  config = config_lib.validate(FLAGS.config)
   try:
+    config = config_lib.validate(FLAGS.config)
     result = train_loop.run(config, FLAGS.workdir,
                             overrides=config_flags.get_override_values(FLAGS["config"]))
   except (config_lib.ConfigError, hf.CheckpointError) as err:
