@@ -79,11 +79,6 @@ class EvalError(ValueError):
 # --- loading ---------------------------------------------------------------------------------
 
 
-def config_from_json(saved: dict):
-  """A full config from a workdir's config.json (see config.from_dict)."""
-  return config_lib.from_dict(saved)
-
-
 def checkpoint_kind(path: str) -> str:
   """'workdir' or 'hf'; raises EvalError naming what the folder lacks."""
   if not path or not os.path.isdir(path):
