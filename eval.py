@@ -7,7 +7,8 @@
 
 --checkpoint is a train.py workdir (config.json and the latest orbax
 checkpoint under checkpoints/) or a folder with config.json and safetensors
-in the Hugging Face layout. Sections: held-out bits per byte and perplexity
+in the Hugging Face layout. --config.mesh.* lays the parameters out over the
+devices by the rules table (default: every device on `data`, replicated). Sections: held-out bits per byte and perplexity
 (--eval), a generated sample (--prompt, --max_new_tokens; --think_budget),
 MQAR accuracy (--mqar), throughput (--throughput: prefill and decode tokens/s,
 decode latency per token against context), speculative decoding with the MTP
@@ -23,14 +24,14 @@ import types
 import jax
 import jax.experimental.multihost_utils  # noqa: F401  (train_loop.evaluate uses it)
 import numpy as np
-import orbax.checkpoint as ocp
+import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 from tqdm import tqdm
 
-from nemotron_jax import checkpoint as checkpoint_lib
 from nemotron_jax import config as config_lib
 from nemotron_jax import data as data_lib
-from nemotron_jax import hf, sharding, train_loop
+from nemotron_jax import export, hf, sharding, train_loop
 from nemotron_jax.generate import cache_bytes, cache_dtypes, generate
 from nemotron_jax.model import build_model
 from nemotron_jax.train_lib import Trainer
@@ -62,6 +63,10 @@ flags.DEFINE_bool("cache_report", False, "Cache bytes per sequence: Nano, Super,
 flags.DEFINE_list("cache_contexts", ["8192", "131072", "1048576"], "Contexts of the cache report.")
 flags.DEFINE_string("cache_dtype", "bfloat16", "Keys/values and conv state dtype of the report.")
 flags.DEFINE_string("output", None, "Write the results here as JSON.")
+config_flags.DEFINE_config_dict(
+    "config", ml_collections.ConfigDict({"mesh": config_lib.mesh_config()}),
+    "The device mesh, e.g. --config.mesh.data=1 --config.mesh.fsdp=8 to shard the parameters "
+    "(default: replicated on every device).")
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -72,25 +77,6 @@ class EvalError(ValueError):
 
 
 # --- loading ---------------------------------------------------------------------------------
-
-
-def config_from_json(saved: dict):
-  """A full config from a workdir's config.json: the schema's defaults, overridden by field."""
-
-  def merge(node, values, prefix):
-    for key, value in values.items():
-      if key not in node:
-        logging.warning("config.json field %s%s is not in the schema; ignored", prefix, key)
-      elif isinstance(value, dict):
-        merge(node[key], value, f"{prefix}{key}.")
-      else:
-        default = node[key]
-        as_tuple = isinstance(default, tuple) and isinstance(value, list)
-        node[key] = tuple(value) if as_tuple else value
-
-  config = config_lib.default_config()
-  merge(config, saved, "")
-  return config_lib.validate(config)
 
 
 def checkpoint_kind(path: str) -> str:
@@ -113,48 +99,42 @@ def checkpoint_kind(path: str) -> str:
                   "model.safetensors or model.safetensors.index.json)")
 
 
-def load(path: str):
-  """-> (config, model, trainer, state): state has params and moe_state on this host's mesh."""
+def load(path: str, mesh_config=None):
+  """-> (config, model, trainer, state): state has params and moe_state sharded over the mesh
+  of `mesh_config` (default: every device on `data`, i.e. replicated) by the rules table."""
   kind = checkpoint_kind(path)
+  mesh_config = config_lib.mesh_config() if mesh_config is None else mesh_config
+  config_lib.validate_mesh(mesh_config)
+  mesh = sharding.make_mesh(mesh_config)
   if kind == "workdir":
-    cfg = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg):
-      raise EvalError(f"workdir {path!r} has no config.json (train.py writes it at the start)")
-    with open(cfg) as f:
-      config = config_from_json(json.load(f))
+    try:
+      config, variables, step = export.load_workdir(path, mesh=mesh)
+    except export.ExportError as err:
+      raise EvalError(str(err)) from err
+    print(f"loaded step {step} of {path}")
   else:
-    config, variables = hf.load_checkpoint(path)
+    config, variables = hf.load_checkpoint(path, mesh=mesh)
     tokenizer = os.path.join(path, "tokenizer.json")
     if os.path.isfile(tokenizer):
       config.data.tokenizer = tokenizer
-  # Evaluation runs on whatever devices this host has.
-  config.mesh = type(config.mesh)({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
+  config.mesh = type(config.mesh)(mesh_config.to_dict())
   model = build_model(config)
-  trainer = Trainer(config, model, sharding.make_mesh(config.mesh))
-  if kind == "hf":
-    return config, model, trainer, types.SimpleNamespace(
-        params=variables["params"], moe_state=variables.get("moe_state", {}))
-  ckpt = checkpoint_lib.Checkpointer(path, keep=1, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
-    raise EvalError(f"workdir {path!r} has no checkpoint in {ckpt.directory}; train.py saves "
-                    "every checkpoint.every steps and at the end")
-  try:
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(trainer.abstract_state())))["state"]
-  except (ValueError, KeyError, TypeError) as err:
-    raise EvalError(f"checkpoint step {step} in {ckpt.directory} does not match "
-                    f"{path}/config.json: {err}") from err
-  ckpt.close()
-  print(f"loaded step {step} from {ckpt.directory}")
-  return config, model, trainer, restored
+  trainer = Trainer(config, model, mesh)
+  return config, model, trainer, types.SimpleNamespace(
+      params=variables["params"], moe_state=variables.get("moe_state", {}))
 
 
 # --- sections --------------------------------------------------------------------------------
 
 
 def variables_of(state):
-  return jax.device_get({"params": state.params, "moe_state": state.moe_state})
+  """The model's variables, left sharded where they lie."""
+  return {"params": state.params, "moe_state": state.moe_state}
+
+
+def shard_count(variables) -> int:
+  """The most distinct shards any parameter is split into."""
+  return max(len({str(s.index) for s in a.addressable_shards}) for a in jax.tree.leaves(variables))
 
 
 def tokenizer_of(config):
@@ -302,9 +282,10 @@ def main(argv):
       raise EvalError("nothing to do: pass --checkpoint=PATH (a workdir or a Hugging Face folder) "
                       "or --cache_report")
     if FLAGS.checkpoint is not None:
-      config, model, trainer, state = load(FLAGS.checkpoint)
+      config, model, trainer, state = load(FLAGS.checkpoint, FLAGS.config.mesh)
       variables = variables_of(state)
       results["checkpoint"] = os.path.abspath(FLAGS.checkpoint)
+      results["parameters_sharded_over"] = shard_count(variables)
       if FLAGS.eval:
         batches = FLAGS.eval_batches or config.train.eval_batches
         results["heldout"] = held_out(config.copy_and_resolve_references(), trainer, state, batches)

@@ -3,7 +3,9 @@
   python train.py --config=configs/tiny.py --workdir=runs/tiny \
       --config.train.steps=200 --config.checkpoint.every=50
 
-Resumes automatically from the latest complete checkpoint in --workdir.
+Resumes automatically from the latest complete checkpoint in --workdir; a new
+workdir with --config.init.hf_checkpoint=DIR starts from a Hugging Face
+checkpoint's weights (its config.json gives the model section).
 Multi-process: --coordinator_address=HOST:PORT --num_processes=N --process_id=I
 (or --distributed_auto to read the cluster environment).
 """
@@ -41,9 +43,13 @@ def main(argv):
   init_distributed()
   import jax
   from nemotron_jax import config as config_lib
-  from nemotron_jax import train_loop
-  config = config_lib.validate(FLAGS.config)
-  result = train_loop.run(config, FLAGS.workdir)
+  from nemotron_jax import hf, train_loop
+  try:
+    config = config_lib.validate(FLAGS.config)
+    result = train_loop.run(config, FLAGS.workdir,
+                            overrides=config_flags.get_override_values(FLAGS["config"]))
+  except (config_lib.ConfigError, hf.CheckpointError) as err:
+    sys.exit(f"error: {err}")
   if jax.process_index() == 0 and result.get("interrupted"):
     sys.exit(1)
 

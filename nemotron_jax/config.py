@@ -49,8 +49,8 @@ def model_config() -> ml_collections.ConfigDict:
   c.mamba.dt_min = 1e-3
   c.mamba.dt_max = 0.1
   c.mamba.dt_init_floor = 1e-4
-  # Bounds applied to dt after the softplus; transformers' nemotron_h uses
-  # (time_step_min, inf), which `hf.load_checkpoint` sets.
+  # Bounds applied to dt after the softplus: NVIDIA's `time_step_limit`, default no
+  # clamp (transformers' nemotron_h clamps at (time_step_min, inf) instead, see hf.py).
   c.mamba.dt_limit = (0.0, float("inf"))
   c.mamba.A_init_range = (1.0, 16.0)
   c.mamba.ssd_impl = "xla"
@@ -183,6 +183,17 @@ def checkpoint_config() -> ml_collections.ConfigDict:
   return c
 
 
+def init_config() -> ml_collections.ConfigDict:
+  """Where a fresh run's weights come from (a workdir with a checkpoint resumes from it)."""
+  c = ml_collections.ConfigDict()
+  # A Hugging Face checkpoint folder: the model section comes from its config.json (fields
+  # that change numerics only keep the run's values) and training starts from its weights
+  # with a fresh optimiser. None: random initialisation.
+  c.hf_checkpoint = config_dict.placeholder(str)
+  c.dt_limit = "checkpoint"  # checkpoint (its time_step_limit) | transformers (see hf.py)
+  return c
+
+
 def default_config() -> ml_collections.ConfigDict:
   """The full schema: model plus the sections the training tools read."""
   c = ml_collections.ConfigDict()
@@ -191,6 +202,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = train_config()
   c.mesh = mesh_config()
   c.checkpoint = checkpoint_config()
+  c.init = init_config()
   c.seed = 0
   return c
 
@@ -431,6 +443,15 @@ def validate_checkpoint(c: ml_collections.ConfigDict) -> None:
   _positive_int(c, "checkpoint.", "keep")
 
 
+def validate_init(c: ml_collections.ConfigDict) -> None:
+  path = c.hf_checkpoint
+  if path is not None and (not isinstance(path, str)
+                           or not os.path.isfile(os.path.join(path, "config.json"))):
+    _fail("init.hf_checkpoint", path, "expected None or a Hugging Face checkpoint folder "
+          "(with config.json and safetensors)")
+  _choice(c, "init.", "dt_limit", ("checkpoint", "transformers"))
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates a full config (with a `model` section) and returns it."""
   if not isinstance(config, ml_collections.ConfigDict):
@@ -447,7 +468,30 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     validate_mesh(config.mesh)
   if "checkpoint" in config:
     validate_checkpoint(config.checkpoint)
+  if "init" in config:
+    validate_init(config.init)
   return config
+
+
+def from_dict(saved: dict) -> ml_collections.ConfigDict:
+  """A validated full config from a dict (a workdir's config.json): the schema's defaults,
+  overridden field by field; fields the schema lacks are ignored with a warning."""
+  import logging
+
+  def merge(node, values, prefix):
+    for key, value in values.items():
+      if key not in node:
+        logging.warning("config.json field %s%s is not in the schema; ignored", prefix, key)
+      elif isinstance(value, dict):
+        merge(node[key], value, f"{prefix}{key}.")
+      else:
+        default = node[key]
+        as_tuple = isinstance(default, tuple) and isinstance(value, list)
+        node[key] = tuple(value) if as_tuple else value
+
+  config = default_config()
+  merge(config, saved, "")
+  return validate(config)
 
 
 def model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -8,13 +8,23 @@ with one `experts.{j}.up_proj.weight` / `down_proj.weight` per expert. One
 table (`_layout`) says how each hub tensor is made of this project's
 parameters; loading, saving and the shape checks all read it.
 
-Semantics follow transformers' `NemotronHForCausalLM`: its Mamba mixer clamps
-dt below at `time_step_min` (and nowhere above), so an imported model gets
-`mamba.dt_limit = (time_step_min, inf)`.
+dt semantics: NVIDIA's modelling code and Megatron clamp dt to the config's
+`time_step_limit` (absent: `(0, inf)`, no clamp), which is what the published
+checkpoints were trained and are served with; `dt_limit="checkpoint"` (the
+default) imports that. transformers 5.23 instead clamps below at
+`time_step_min`; `dt_limit="transformers"` reproduces it, for parity tests
+against the installed transformers.
+
+Loading streams: each variable is built shard by shard with
+`jax.make_array_from_callback` from slices read with the `safetensors`
+library, so a process reads only the slices its devices hold and no
+whole-model copy exists on the host. Saving converts each variable once,
+writes shards as they fill, and works when variables span processes.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -22,85 +32,35 @@ import os
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import ml_dtypes
 import numpy as np
-import ml_collections
+import flax.linen as nn
+from jax.experimental import multihost_utils
+from jax.sharding import SingleDeviceSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from nemotron_jax import config as config_lib
 from nemotron_jax import model as model_lib
+from nemotron_jax import sharding as sharding_lib
 
 log = logging.getLogger(__name__)
 
 _BLOCK_TYPES = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
                 "mlp": "-", "moe": "E"}
-_BLOCK_NAMES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 _HUB_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-# Smallest positive normal float32: stands for "no lower clamp" in a config that must name one.
-_TINY = float(np.finfo(np.float32).tiny)
+_SAVE_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# The safetensors library maps dtypes to numpy by name and numpy has no float8 types, so
+# float8 tensors (NVIDIA's FP8 checkpoints) are read from the file's header directly.
+_FLOAT8 = {"F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+DT_LIMITS = ("checkpoint", "transformers")
+DEFAULT_SHARD_BYTES = 5_000_000_000  # transformers' save_pretrained default
 
 
 class CheckpointError(ValueError):
   """A checkpoint that does not match the model it claims to hold."""
-
-
-# --- safetensors ----------------------------------------------------------------------------
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Memory-maps a .safetensors file: {name: array}."""
-  with open(path, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _ST_DTYPES:
-      raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, "
-                            f"supported: {sorted(_ST_DTYPES)}")
-    begin, end = info["data_offsets"]
-    out[name] = data[begin:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-  return out
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-  header, offset = {"__metadata__": {"format": "pt"}}, 0
-  arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-  for name, a in arrays.items():
-    header[name] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape),
-                    "data_offsets": [offset, offset + a.nbytes]}
-    offset += a.nbytes
-  raw = json.dumps(header, separators=(",", ":")).encode()
-  raw += b" " * (-len(raw) % 8)
-  with open(path, "wb") as f:
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    for a in arrays.values():
-      f.write(a.tobytes())
-
-
-def _read_all(path: str) -> dict[str, np.ndarray]:
-  index = os.path.join(path, "model.safetensors.index.json")
-  single = os.path.join(path, "model.safetensors")
-  if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-    tensors = {}
-    for name in files:
-      shard = os.path.join(path, name)
-      if not os.path.isfile(shard):
-        raise CheckpointError(f"{index} names shard {name!r}, which does not exist")
-      tensors.update(read_safetensors(shard))
-    return tensors
-  if os.path.isfile(single):
-    return read_safetensors(single)
-  raise CheckpointError(f"{path!r} holds neither model.safetensors nor "
-                        "model.safetensors.index.json")
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -113,23 +73,37 @@ def _get(hf: dict, *names, default=None):
   return default
 
 
-def _infinite(value) -> float:
+def _limit_value(value) -> float:
+  """A `time_step_limit` bound as a float; anything past float32's range (Ultra's 1e308) is inf,
+  which is what it becomes in the float32 clamp anyway. transformers' save_pretrained writes
+  infinity as {"__float__": "Infinity"}, hub files as a bare JSON Infinity."""
   if isinstance(value, dict) and "__float__" in value:
-    return float(value["__float__"])
-  return float(value)
+    value = value["__float__"]
+  value = float(value)
+  return math.inf if value >= float(np.finfo(np.float32).max) else value
 
 
-def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
-  """A full config from a Hugging Face nemotron_h config.json dict."""
-  if "layers_block_type" in hf and hf["layers_block_type"]:
-    unknown = sorted({t for t in hf["layers_block_type"] if t not in _BLOCK_TYPES})
+def _block_pattern(hf: dict, list_key: str, string_key: str) -> str | None:
+  kinds = _get(hf, list_key)
+  if kinds:
+    unknown = sorted({t for t in kinds if t not in _BLOCK_TYPES})
     if unknown:
-      raise CheckpointError(f"config.json layers_block_type has unknown types {unknown}; "
+      raise CheckpointError(f"config.json {list_key} has unknown types {unknown}; "
                             f"valid: {sorted(_BLOCK_TYPES)}")
-    pattern = "".join(_BLOCK_TYPES[t] for t in hf["layers_block_type"])
-  elif "hybrid_override_pattern" in hf:
-    pattern = hf["hybrid_override_pattern"]
-  else:
+    return "".join(_BLOCK_TYPES[t] for t in kinds)
+  return _get(hf, string_key)
+
+
+def config_from_hf(hf: dict, *, dt_limit: str = "checkpoint") -> ml_collections.ConfigDict:
+  """A full config from a Hugging Face nemotron_h config.json dict.
+
+  `dt_limit`: "checkpoint" takes `time_step_limit` (absent: (0, inf)), NVIDIA's
+  semantics; "transformers" clamps at (time_step_min, inf) as transformers 5.23 does.
+  """
+  if dt_limit not in DT_LIMITS:
+    raise CheckpointError(f"dt_limit = {dt_limit!r} is invalid; expected one of {list(DT_LIMITS)}")
+  pattern = _block_pattern(hf, "layers_block_type", "hybrid_override_pattern")
+  if not pattern:
     raise CheckpointError("config.json has neither layers_block_type nor hybrid_override_pattern")
   unsupported = {
       "use_bias": (False,), "mlp_bias": (False,), "attention_bias": (False,),
@@ -144,47 +118,48 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   m.pattern = pattern
   m.d_model = hf["hidden_size"]
   m.vocab_size = hf["vocab_size"]
-  m.norm_eps = _get(hf, "layer_norm_epsilon", "rms_norm_eps", default=1e-5)
+  m.norm_eps = _get(hf, "layer_norm_epsilon", "rms_norm_eps", "norm_eps", default=1e-5)
   m.init_std = _get(hf, "initializer_range", default=0.02)
-  a = m.mamba
-  a.num_heads = _get(hf, "mamba_num_heads", default=a.num_heads)
-  a.head_dim = _get(hf, "mamba_head_dim", default=a.head_dim)
-  a.d_state = _get(hf, "ssm_state_size", default=a.d_state)
-  a.n_groups = _get(hf, "n_groups", "mamba_n_groups", default=a.n_groups)
-  a.conv_kernel = _get(hf, "conv_kernel", "mamba_d_conv", default=a.conv_kernel)
-  a.chunk_size = _get(hf, "chunk_size", "mamba_chunk_size", default=a.chunk_size)
-  a.dt_min = float(_get(hf, "time_step_min", "mamba_dt_min", default=a.dt_min))
-  a.dt_max = float(_get(hf, "time_step_max", "mamba_dt_max", default=a.dt_max))
-  a.dt_init_floor = float(_get(hf, "time_step_floor", "mamba_dt_init_floor", default=a.dt_init_floor))
-  a.dt_limit = (a.dt_min, math.inf)
-  t = m.attention
-  t.num_heads = _get(hf, "num_attention_heads", default=t.num_heads)
-  t.num_kv_heads = _get(hf, "num_key_value_heads", default=t.num_heads)
-  t.head_dim = _get(hf, "head_dim", "attention_head_dim", default=t.head_dim)
-  t.pos_emb = "none"
-  t.sliding_window = 0
+  mcfg = m.mamba
+  mcfg.num_heads = _get(hf, "mamba_num_heads", default=mcfg.num_heads)
+  mcfg.head_dim = _get(hf, "mamba_head_dim", default=mcfg.head_dim)
+  mcfg.d_state = _get(hf, "ssm_state_size", default=mcfg.d_state)
+  mcfg.n_groups = _get(hf, "n_groups", "mamba_n_groups", default=mcfg.n_groups)
+  mcfg.conv_kernel = _get(hf, "conv_kernel", "mamba_d_conv", default=mcfg.conv_kernel)
+  mcfg.chunk_size = _get(hf, "chunk_size", "mamba_chunk_size", default=mcfg.chunk_size)
+  mcfg.dt_min = float(_get(hf, "time_step_min", "mamba_dt_min", default=mcfg.dt_min))
+  mcfg.dt_max = float(_get(hf, "time_step_max", "mamba_dt_max", default=mcfg.dt_max))
+  mcfg.dt_init_floor = float(_get(hf, "time_step_floor", "mamba_dt_init_floor",
+                                  default=mcfg.dt_init_floor))
+  if dt_limit == "transformers":
+    mcfg.dt_limit = (mcfg.dt_min, math.inf)
+  else:
+    limit = _get(hf, "time_step_limit", "mamba_dt_limit", default=(0.0, math.inf))
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2:
+      raise CheckpointError(f"config.json time_step_limit = {limit!r} is invalid; "
+                            "expected a pair [low, high]")
+    mcfg.dt_limit = tuple(_limit_value(v) for v in limit)
+  acfg = m.attention
+  acfg.num_heads = _get(hf, "num_attention_heads", default=acfg.num_heads)
+  acfg.num_kv_heads = _get(hf, "num_key_value_heads", default=acfg.num_heads)
+  acfg.head_dim = _get(hf, "head_dim", "attention_head_dim", default=acfg.head_dim)
+  acfg.pos_emb = "none"
+  acfg.sliding_window = 0
   m.mlp.d_ff = _get(hf, "intermediate_size", default=m.mlp.d_ff)
-  e = m.moe
-  e.num_experts = _get(hf, "n_routed_experts", default=e.num_experts)
-  e.top_k = _get(hf, "num_experts_per_tok", default=e.top_k)
-  e.d_ff = _get(hf, "moe_intermediate_size", default=e.d_ff)
-  e.shared_d_ff = _get(hf, "moe_shared_expert_intermediate_size", default=e.shared_d_ff)
-  e.routed_scaling = float(_get(hf, "routed_scaling_factor", default=1.0))
-  e.n_group = _get(hf, "n_group", default=1)
-  e.topk_group = _get(hf, "topk_group", default=1)
-  e.norm_topk_prob = bool(_get(hf, "norm_topk_prob", default=True))
-  e.latent_size = hf.get("moe_latent_size")
+  ecfg = m.moe
+  ecfg.num_experts = _get(hf, "n_routed_experts", default=ecfg.num_experts)
+  ecfg.top_k = _get(hf, "num_experts_per_tok", default=ecfg.top_k)
+  ecfg.d_ff = _get(hf, "moe_intermediate_size", default=ecfg.d_ff)
+  ecfg.shared_d_ff = _get(hf, "moe_shared_expert_intermediate_size", default=ecfg.shared_d_ff)
+  ecfg.routed_scaling = float(_get(hf, "routed_scaling_factor", default=1.0))
+  ecfg.n_group = _get(hf, "n_group", default=1)
+  ecfg.topk_group = _get(hf, "topk_group", default=1)
+  ecfg.norm_topk_prob = bool(_get(hf, "norm_topk_prob", default=True))
+  ecfg.latent_size = hf.get("moe_latent_size")
   blocks = _get(hf, "num_nextn_predict_layers", default=0)
   if blocks:
-    kinds = _get(hf, "mtp_layers_block_type")
-    if kinds:
-      unknown = sorted({t for t in kinds if t not in _BLOCK_TYPES})
-      if unknown:
-        raise CheckpointError(f"config.json mtp_layers_block_type has unknown types {unknown}; "
-                              f"valid: {sorted(_BLOCK_TYPES)}")
-      m.mtp.pattern = "".join(_BLOCK_TYPES[t] for t in kinds)
-    else:
-      m.mtp.pattern = _get(hf, "mtp_hybrid_override_pattern", default=m.mtp.pattern)
+    m.mtp.pattern = _block_pattern(hf, "mtp_layers_block_type",
+                                   "mtp_hybrid_override_pattern") or m.mtp.pattern
     # The hub config counts physical blocks; how many depths a shared block serves is ours.
     depths = _get(hf, "mtp_num_depths", default=blocks)
     if blocks > 1 and depths != blocks:
@@ -196,56 +171,65 @@ def config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   return c
 
 
-def config_to_hf(config) -> dict:
-  """The config.json dict transformers' NemotronHConfig reads."""
+def config_to_hf(config, dtype: str | None = None) -> dict:
+  """The config.json dict of the hub layout, with the field names published hub configs use.
+
+  `time_step_limit` carries `model.mamba.dt_limit` (NVIDIA's semantics); transformers
+  ignores it and clamps at `time_step_min`, which here is the dt init range's low end.
+  """
   m = config_lib.model_section(config)
-  a, t, e = m.mamba, m.attention, m.moe
-  if t.pos_emb != "none" or t.sliding_window:
+  mcfg, acfg, ecfg = m.mamba, m.attention, m.moe
+  if acfg.pos_emb != "none" or acfg.sliding_window:
     raise CheckpointError("transformers' nemotron_h has no positional embedding and no sliding "
-                          f"window: model.attention.pos_emb={t.pos_emb!r}, "
-                          f"sliding_window={t.sliding_window} cannot be exported")
-  if a.dt_limit[1] != math.inf:
-    raise CheckpointError(f"model.mamba.dt_limit = {tuple(a.dt_limit)} cannot be exported: "
-                          "transformers clamps dt only from below (at time_step_min)")
-  if "E" in m.pattern and not e.shared_d_ff:
+                          f"window: model.attention.pos_emb={acfg.pos_emb!r}, "
+                          f"sliding_window={acfg.sliding_window} cannot be exported")
+  if "E" in m.pattern and not ecfg.shared_d_ff:
     raise CheckpointError("model.moe.shared_d_ff = 0 cannot be exported: transformers always "
                           "builds one shared expert")
   return {
       "architectures": ["NemotronHForCausalLM"],
       "model_type": "nemotron_h",
+      "torch_dtype": dtype or m.param_dtype,
       "vocab_size": m.vocab_size,
       "hidden_size": m.d_model,
-      "layers_block_type": [_HUB_TYPES[ch] for ch in m.pattern],
+      "hybrid_override_pattern": m.pattern,
+      "num_hidden_layers": len(m.pattern),
       "tie_word_embeddings": False,
       "layer_norm_epsilon": m.norm_eps,
+      "norm_eps": m.norm_eps,
       "initializer_range": m.init_std,
-      "num_attention_heads": t.num_heads,
-      "num_key_value_heads": t.num_kv_heads,
-      "head_dim": t.head_dim,
+      "num_attention_heads": acfg.num_heads,
+      "num_key_value_heads": acfg.num_kv_heads,
+      "head_dim": acfg.head_dim,
+      "attention_bias": False,
       "intermediate_size": m.mlp.d_ff,
       "mlp_hidden_act": "relu2",
-      "mamba_num_heads": a.num_heads,
-      "mamba_head_dim": a.head_dim,
-      "ssm_state_size": a.d_state,
-      "n_groups": a.n_groups,
-      "conv_kernel": a.conv_kernel,
-      "chunk_size": a.chunk_size,
-      # transformers clamps dt at time_step_min, so it carries the lower dt limit.
-      "time_step_min": a.dt_limit[0] if a.dt_limit[0] > 0 else _TINY,
-      "time_step_max": a.dt_max,
-      "time_step_floor": a.dt_init_floor,
-      "n_routed_experts": e.num_experts,
-      "num_experts_per_tok": e.top_k,
-      "moe_intermediate_size": e.d_ff,
-      "moe_shared_expert_intermediate_size": e.shared_d_ff,
-      "moe_latent_size": e.latent_size,
-      "routed_scaling_factor": e.routed_scaling,
-      "n_group": e.n_group,
-      "topk_group": e.topk_group,
-      "norm_topk_prob": e.norm_topk_prob,
+      "mamba_num_heads": mcfg.num_heads,
+      "mamba_head_dim": mcfg.head_dim,
+      "mamba_hidden_act": "silu",
+      "mamba_proj_bias": False,
+      "ssm_state_size": mcfg.d_state,
+      "n_groups": mcfg.n_groups,
+      "conv_kernel": mcfg.conv_kernel,
+      "chunk_size": mcfg.chunk_size,
+      "time_step_min": mcfg.dt_min,
+      "time_step_max": mcfg.dt_max,
+      "time_step_floor": mcfg.dt_init_floor,
+      "time_step_limit": [float(v) for v in mcfg.dt_limit],
+      "n_routed_experts": ecfg.num_experts,
+      "n_shared_experts": 1,
+      "num_experts_per_tok": ecfg.top_k,
+      "moe_intermediate_size": ecfg.d_ff,
+      "moe_shared_expert_intermediate_size": ecfg.shared_d_ff,
+      "moe_latent_size": ecfg.latent_size,
+      "routed_scaling_factor": ecfg.routed_scaling,
+      "n_group": ecfg.n_group,
+      "topk_group": ecfg.topk_group,
+      "norm_topk_prob": ecfg.norm_topk_prob,
       "use_bias": False,
       "mlp_bias": False,
       "use_conv_bias": True,
+      "residual_in_fp32": False,
       **_mtp_to_hf(m),
   }
 
@@ -255,7 +239,7 @@ def _mtp_to_hf(m) -> dict:
   if not t.num_depths:
     return {"num_nextn_predict_layers": 0}
   return {"num_nextn_predict_layers": 1 if t.share_weights else t.num_depths,
-          "mtp_layers_block_type": [_HUB_TYPES[ch] for ch in t.pattern],
+          "mtp_hybrid_override_pattern": t.pattern,
           "mtp_num_depths": t.num_depths}
 
 
@@ -351,24 +335,6 @@ def _hub_shape(shape, part: Part):
   return tuple(shape)
 
 
-def _to_hub(a: np.ndarray, part: Part) -> np.ndarray:
-  if part.expert is not None:
-    a = a[part.expert]
-  if part.kind == "T":
-    return a.T
-  if part.kind == "conv":
-    return a.T[:, None, :]
-  return a
-
-
-def _from_hub(a: np.ndarray, part: Part) -> np.ndarray:
-  if part.kind == "T":
-    return a.T
-  if part.kind == "conv":
-    return a[:, 0, :].T
-  return a
-
-
 def variable_shapes(config):
   """Shapes of this project's variables for a config, computed without allocating."""
   model = model_lib.build_model(config)
@@ -385,36 +351,189 @@ def hub_shapes(config) -> dict[str, tuple]:
   return out
 
 
-# --- load / save ----------------------------------------------------------------------------
+def variable_shardings(config, mesh):
+  """NamedShardings of the variables ({"params", "moe_state"?}) by the rules table."""
+  model = model_lib.build_model(config)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  boxed = {k: v for k, v in boxed.items() if k != "moe_stats"}
+  shardings = sharding_lib.logical_to_sharding(boxed, mesh)
+  sharding_lib.check_divisible(nn.meta.unbox(boxed), shardings, mesh)
+  return shardings
 
 
-def load_checkpoint(path: str, *, dtype: str = "float32"):
-  """Reads a hub-layout checkpoint folder: returns (config, variables) with params in `dtype`."""
+# --- load -----------------------------------------------------------------------------------
+
+
+def _weight_files(path: str) -> dict[str, str]:
+  """Hub tensor name -> the safetensors file holding it."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    for name in sorted(set(weight_map.values())):
+      if not os.path.isfile(os.path.join(path, name)):
+        raise CheckpointError(f"{index} names shard {name!r}, which does not exist")
+    return {k: os.path.join(path, v) for k, v in weight_map.items()}
+  if os.path.isfile(single):
+    with safe_open(single, framework="numpy") as f:
+      return {k: single for k in f.keys()}
+  raise CheckpointError(f"{path!r} holds neither model.safetensors nor "
+                        "model.safetensors.index.json")
+
+
+def _float8_slice(file: str, name: str, index: tuple) -> np.ndarray:
+  """A slice of a float8 tensor, located through the file's JSON header."""
+  with open(file, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    info = json.loads(f.read(n))[name]
+  begin, _ = info["data_offsets"]
+  data = np.memmap(file, dtype=_FLOAT8[info["dtype"]], mode="r", offset=8 + n + begin,
+                   shape=tuple(info["shape"]))
+  return np.array(data[index])
+
+
+class _Reader:
+  """Slices of hub tensors from a checkpoint folder's safetensors files; counts bytes read."""
+
+  def __init__(self, path: str):
+    self.files = _weight_files(path)
+    self._handles = {}
+    self.bytes_read = 0
+
+  def _slice(self, name: str):
+    file = self.files[name]
+    if file not in self._handles:
+      self._handles[file] = safe_open(file, framework="numpy")
+    return self._handles[file].get_slice(name)
+
+  def shape(self, name: str) -> tuple:
+    return tuple(self._slice(name).get_shape())
+
+  def read(self, name: str, index: tuple) -> np.ndarray:
+    """tensor[index] in the file's dtype; `index` holds one slice per dimension."""
+    piece = self._slice(name)
+    if piece.get_dtype() in _FLOAT8:
+      out = _float8_slice(self.files[name], name, index)
+    else:
+      out = piece[index]
+    self.bytes_read += out.nbytes
+    return out
+
+
+class _Source(NamedTuple):
+  """Where one variable lies in the hub tensors."""
+  kind: str  # Part.kind
+  names: tuple  # the hub tensor, or one per expert of a stacked [experts, ...] variable
+  offset: int  # first row of the variable along the hub tensor's first axis
+
+
+def _sources(layout: dict, shapes) -> dict[tuple, _Source]:
+  out, experts = {}, collections.defaultdict(dict)
+  for name, parts in layout.items():
+    offset = 0
+    for part in parts:
+      if part.expert is None:
+        out[part.path] = _Source(part.kind, (name,), offset)
+      else:
+        experts[part.path][part.expert] = (name, part.kind)
+      offset += _hub_shape(_leaf(shapes, part.path).shape, part)[0]
+  for path, by_expert in experts.items():
+    out[path] = _Source(by_expert[0][1], tuple(by_expert[j][0] for j in range(len(by_expert))), 0)
+  return out
+
+
+def _read_variable(reader: _Reader, src: _Source, shape: tuple, index: tuple) -> np.ndarray:
+  """variable[index] (one slice per dimension) from the hub slices that hold it."""
+  bounds = [s.indices(d)[:2] for s, d in zip(index, shape)]
+  rows = lambda lo, hi: slice(src.offset + lo, src.offset + hi)
+  if src.kind == "id":
+    return reader.read(src.names[0], (rows(*bounds[0]),) + tuple(slice(*b) for b in bounds[1:]))
+  if src.kind == "conv":  # ours [k c], hub [c 1 k]
+    return reader.read(src.names[0], (rows(*bounds[1]), slice(None), slice(*bounds[0])))[:, 0].T
+  if len(src.names) == 1:  # ours [in out], hub [out in]
+    return reader.read(src.names[0], (rows(*bounds[1]), slice(*bounds[0]))).T
+  (e0, e1), (i0, i1), (o0, o1) = bounds  # ours [experts in out], hub per expert [out in]
+  return np.stack([reader.read(src.names[j], (rows(o0, o1), slice(i0, i1))).T
+                   for j in range(e0, e1)])
+
+
+def _build_variable(reader: _Reader, src: _Source, leaf, leaf_sharding) -> jax.Array:
+  """One variable as a jax.Array, each addressable shard read and cast (once) on its own."""
+  keys = lambda index: tuple(s.indices(d)[:2] for s, d in zip(index, leaf.shape))
+  # A shard several local devices hold (replicated axes) is read once and shared.
+  uses = collections.Counter(keys(i) for i in
+                             leaf_sharding.addressable_devices_indices_map(leaf.shape).values())
+  cache = {}
+
+  def shard(index):
+    index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))
+    key = keys(index)
+    value = cache.pop(key, None)
+    if value is None:
+      value = np.ascontiguousarray(_read_variable(reader, src, leaf.shape, index), leaf.dtype)
+    uses[key] -= 1
+    if uses[key] > 0:
+      cache[key] = value
+    return value
+
+  return jax.make_array_from_callback(leaf.shape, leaf_sharding, shard)
+
+
+def _resolve_mtp(m, names: set) -> set:
+  """The hub tensor names to load: MTP tensors only where config.json declares MTP layers; a
+  declared MTP head without tensors is dropped (model.mtp.num_depths = 0)."""
+  mtp = {k for k in names if k.startswith("mtp.")}
+  if mtp and not m.mtp.num_depths:
+    log.warning("%d MTP tensors (mtp.*) are not loaded: config.json declares no MTP layers "
+                "(num_nextn_predict_layers)", len(mtp))
+    return names - mtp
+  if m.mtp.num_depths and not mtp:
+    # transformers' save_pretrained keeps the MTP config but has no MTP weights to save.
+    log.warning("config.json declares MTP layers but the checkpoint holds no mtp.* tensors: "
+                "loading without the MTP head")
+    m.mtp.num_depths = 0
+  return names
+
+
+def read_config(path: str, *, dt_limit: str = "checkpoint") -> ml_collections.ConfigDict:
+  """The full config of a hub checkpoint folder's config.json."""
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_path):
     raise CheckpointError(f"{path!r} has no config.json (expected a Hugging Face checkpoint folder)")
   with open(cfg_path) as f:
-    config = config_from_hf(json.load(f))
-  config.model.param_dtype = dtype
-  config.model.compute_dtype = dtype
-  tensors = _read_all(path)
-  mtp = sorted(k for k in tensors if k.startswith("mtp."))
-  if mtp and not config.model.mtp.num_depths:
-    log.warning("%d MTP tensors (mtp.*) are not loaded: config.json declares no MTP layers "
-                "(num_nextn_predict_layers)", len(mtp))
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("mtp.")}
-  if config.model.mtp.num_depths and not mtp:
-    # transformers' save_pretrained keeps the MTP config but has no MTP weights to save.
-    log.warning("config.json declares MTP layers but the checkpoint holds no mtp.* tensors: "
-                "loading without the MTP head")
-    config.model.mtp.num_depths = 0
+    return config_from_hf(json.load(f), dt_limit=dt_limit)
+
+
+def load_checkpoint(path: str, *, mesh=None, dt_limit: str = "checkpoint",
+                    param_dtype: str | None = None, config=None):
+  """Reads a hub-layout checkpoint folder: returns (config, variables).
+
+  Every variable is a jax.Array: sharded over `mesh` by the rules table
+  (`sharding.py`), or on this process's first device without one. Each
+  process reads only the slices its devices hold, in the file's dtype, and
+  casts them once to `param_dtype` (default: the config's, float32 master
+  weights; `model.compute_dtype` is left as it is). `dt_limit` chooses the dt
+  clamp: "checkpoint" (NVIDIA's semantics) or "transformers" (see the module
+  docstring). `config`, when given, replaces the one read from config.json;
+  it must describe the checkpoint's shapes (as `init_config`'s does).
+  """
+  if config is None:
+    config = read_config(path, dt_limit=dt_limit)
+  if param_dtype is not None:
+    if param_dtype not in config_lib.DTYPES:
+      raise CheckpointError(f"param_dtype = {param_dtype!r} is invalid; expected one of "
+                            f"{list(config_lib.DTYPES)}")
+    config.model.param_dtype = param_dtype
+  reader = _Reader(path)
+  names = _resolve_mtp(config.model, set(reader.files))
 
   layout = _layout(config.model)
   expected = hub_shapes(config)
-  missing = sorted(set(expected) - set(tensors))
-  unexpected = sorted(set(tensors) - set(expected))
-  misshaped = sorted(f"{k}: file {tuple(tensors[k].shape)}, expected {expected[k]}"
-                     for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != expected[k])
+  missing = sorted(set(expected) - names)
+  unexpected = sorted(names - set(expected))
+  misshaped = sorted(f"{k}: file {reader.shape(k)}, expected {expected[k]}"
+                     for k in set(expected) & names if reader.shape(k) != expected[k])
   if missing or unexpected or misshaped:
     lines = [f"checkpoint {path!r} does not match its config.json:"]
     for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
@@ -424,54 +543,156 @@ def load_checkpoint(path: str, *, dtype: str = "float32"):
     raise CheckpointError("\n".join(lines))
 
   shapes = variable_shapes(config)
-  arrays = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  for name, parts in layout.items():
-    src = np.asarray(tensors[name], np.float32)
-    sizes = [_hub_shape(_leaf(shapes, p.path).shape, p)[0] for p in parts]
-    for part, piece in zip(parts, np.split(src, np.cumsum(sizes)[:-1], axis=0)):
-      dst = _leaf(arrays, part.path)
-      if part.expert is None:
-        dst[...] = _from_hub(piece, part)
-      else:
-        dst[part.expert] = _from_hub(piece, part)
-  return config, jax.tree.map(jax.numpy.asarray, arrays)
+  if mesh is None:
+    device = SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, shapes)
+  else:
+    shardings = variable_shardings(config, mesh)
+  sources = _sources(layout, shapes)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, leaf, s: _build_variable(reader, sources[tuple(k.key for k in p)], leaf, s),
+      shapes, shardings)
+  log.info("%s: read %d bytes of hub tensors on process %d", path, reader.bytes_read,
+           jax.process_index())
+  return config, variables
+
+
+# Model fields that change numerics but no shape: a run starting from a hub checkpoint keeps
+# its own values of these (and of every field under them).
+NUMERICS_FIELDS = ("param_dtype", "compute_dtype", "remat", "mamba.ssd_impl", "mamba.kernel",
+                   "moe.impl", "moe.ep_capacity_factor", "moe.bias_update_rate",
+                   "moe.balance_loss_coef", "mtp.loss_scale", "precision", "generation")
+
+
+def _flat(node, prefix: str = ""):
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _flat(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def _numerics(field: str) -> bool:
+  return any(field == f or field.startswith(f + ".") for f in NUMERICS_FIELDS)
+
+
+def init_config(config, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The run's config with its model section from `config.init.hf_checkpoint`'s config.json.
+
+  The fields in NUMERICS_FIELDS keep the run's values (preset and command line);
+  every other model field, dt_limit included (chosen by `init.dt_limit`), comes
+  from the checkpoint. `overrides` are the command line's flattened fields
+  ("model.d_model": 64, ...): one naming any other model field raises
+  ConfigError, since it would change the shapes of the checkpoint's weights.
+  """
+  path = config.init.hf_checkpoint
+  for key in sorted(overrides or {}):
+    if key.startswith("model.") and not _numerics(key[len("model."):]):
+      raise config_lib.ConfigError(
+          f"--config.{key} cannot be set with init.hf_checkpoint={path!r}: the model comes from "
+          "its config.json; overridable model fields: " + ", ".join(NUMERICS_FIELDS)
+          + " (the dt clamp: init.dt_limit)")
+  model = read_config(path, dt_limit=config.init.dt_limit).model
+  _resolve_mtp(model, set(_weight_files(path)))
+  for field, value in _flat(config.model):
+    if _numerics(field):
+      *parents, leaf = field.split(".")
+      node = model
+      for name in parents:
+        node = node[name]
+      node[leaf] = value
+  out = config.copy_and_resolve_references()
+  out.model = model
+  return config_lib.validate(out)
+
+
+# --- save -----------------------------------------------------------------------------------
+
+
+def _to_hub(a: np.ndarray, part: Part) -> np.ndarray:
+  if part.expert is not None:
+    a = a[part.expert]
+  if part.kind == "T":
+    return a.T
+  if part.kind == "conv":
+    return a.T[:, None, :]
+  return a
+
+
+def _host_copy(x, dtype) -> np.ndarray:
+  """A variable on the host in `dtype`, cast before the transfer; gathered across processes."""
+  if isinstance(x, jax.Array):
+    x = x.astype(dtype)
+    if not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return np.asarray(x).astype(dtype, copy=False)
 
 
 def save_checkpoint(config, variables, path: str, *, dtype: str | None = None,
-                    max_shard_bytes: int | None = None) -> None:
-  """Writes config.json and safetensors (sharded above `max_shard_bytes`) in the hub layout."""
-  m = config_lib.model_section(config)
-  hf_config = config_to_hf(config)
-  hf_config["dtype"] = dtype or m.param_dtype
-  np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16,
-              "float16": np.float16}[hf_config["dtype"]]
-  layout = _layout(m)
-  tensors = {}
-  for name, parts in layout.items():
-    pieces = [_to_hub(np.asarray(_leaf(variables, p.path), np.float32), p) for p in parts]
-    tensor = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
-    keep_f32 = name.endswith("e_score_correction_bias")  # transformers keeps it in fp32
-    tensors[name] = tensor.astype(np.float32 if keep_f32 else np_dtype)
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+  """Writes config.json and safetensors shards of at most `max_shard_bytes` in the hub layout.
 
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2)
-  shards, current, size = [], {}, 0
-  for name, tensor in tensors.items():
-    if current and max_shard_bytes and size + tensor.nbytes > max_shard_bytes:
-      shards.append(current)
-      current, size = {}, 0
-    current[name] = tensor
-    size += tensor.nbytes
-  shards.append(current)
-  if len(shards) == 1:
-    write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
-    return
-  weight_map = {}
-  for k, shard in enumerate(shards):
-    fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-    write_safetensors(os.path.join(path, fname), shard)
-    weight_map.update({name: fname for name in shard})
-  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-               "weight_map": weight_map}, f, indent=2)
+  Each variable is cast to `dtype` (default: model.param_dtype; the MoE score
+  correction bias stays float32, as transformers keeps it) and copied to the
+  host once, and a shard is written as soon as its tensors are complete, so
+  the host holds about one shard at a time. Variables may span processes:
+  every process must call this, process 0 writes.
+  """
+  m = config_lib.model_section(config)
+  dtype = dtype or m.param_dtype
+  if dtype not in _SAVE_DTYPES:
+    raise CheckpointError(f"dtype = {dtype!r} cannot be saved; expected one of {list(_SAVE_DTYPES)}")
+  hf_config = config_to_hf(config, dtype)
+  layout = _layout(m)
+  leaf_dtype, uses, nbytes = {}, collections.Counter(), {}
+  for name, parts in layout.items():
+    keep_f32 = name.endswith("e_score_correction_bias")  # transformers keeps it in fp32
+    for p in parts:
+      leaf_dtype[p.path] = np.dtype(np.float32 if keep_f32 else _SAVE_DTYPES[dtype])
+      uses[p.path] += 1
+    shapes = [_hub_shape(_leaf(variables, p.path).shape, p) for p in parts]
+    nbytes[name] = (sum(s[0] for s in shapes) * math.prod(shapes[0][1:])
+                    * leaf_dtype[parts[0].path].itemsize)
+  shards, size = [[]], 0
+  for name in layout:
+    if shards[-1] and size + nbytes[name] > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(name)
+    size += nbytes[name]
+
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(path, exist_ok=True)
+  files = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  host = {}
+  for fname, shard in zip(files, shards):
+    tensors = {}
+    for name in shard:
+      pieces = []
+      for p in layout[name]:
+        if p.path not in host:
+          host[p.path] = _host_copy(_leaf(variables, p.path), leaf_dtype[p.path])
+        pieces.append(_to_hub(host[p.path], p))
+        uses[p.path] -= 1
+        if not uses[p.path]:
+          del host[p.path]
+      if writer:
+        # safetensors writes an array's memory as it lies, so each tensor is made C-ordered
+        # (np.concatenate of transposed pieces keeps their Fortran order).
+        tensors[name] = np.ascontiguousarray(
+            pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0))
+    if writer:
+      save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
+  if writer:
+    if len(shards) > 1:
+      with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(nbytes.values())},
+                   "weight_map": {n: fname for fname, s in zip(files, shards) for n in s}},
+                  f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"hf.save_checkpoint {path}")

@@ -8,15 +8,16 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from nemotron_jax import data as data_lib
-from nemotron_jax import sharding
+from nemotron_jax import hf, sharding
 from nemotron_jax.checkpoint import Checkpointer
 from nemotron_jax.generate import generate
 from nemotron_jax.model import build_model
-from nemotron_jax.train_lib import Trainer
+from nemotron_jax.train_lib import Trainer, TrainState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,9 +93,30 @@ def evaluate(trainer: Trainer, state, config, tokenizer, *, max_batches: int) ->
           "eval_bpb": nll / math.log(2) / max(nbytes, 1)}
 
 
-def run(config, workdir: str) -> dict:
-  """Trains (resuming from the latest checkpoint in workdir); returns a summary dict."""
+def state_from_hub(trainer: Trainer, config) -> TrainState:
+  """Step 0 with a fresh optimiser around the weights of `config.init.hf_checkpoint`, loaded
+  sharded on the trainer's mesh."""
+  _, variables = hf.load_checkpoint(config.init.hf_checkpoint, mesh=trainer.mesh,
+                                    config=config.copy_and_resolve_references())
+  shardings = trainer.state_shardings
+  params = variables["params"]
+  with jax.set_mesh(trainer.mesh):
+    opt_state = jax.jit(trainer.tx.init, out_shardings=shardings.opt_state)(params)
+    step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32),
+                                 jax.random.split(jax.random.PRNGKey(config.seed))[1]),
+                        out_shardings=(shardings.step, shardings.rng))()
+  return TrainState(step=step, params=params, opt_state=opt_state,
+                    moe_state=variables.get("moe_state", {}), rng=rng)
+
+
+def run(config, workdir: str, overrides: dict | None = None) -> dict:
+  """Trains (resuming from the latest checkpoint in workdir, else starting from
+  `config.init.hf_checkpoint` or a random init); returns a summary dict. `overrides` are the
+  command line's config fields, checked against the hub checkpoint (`hf.init_config`)."""
   import jax.experimental.multihost_utils  # noqa: F401  (used by evaluate)
+  from_hub = "init" in config and config.init.hf_checkpoint
+  if from_hub:
+    config = hf.init_config(config, overrides)
   t = config.train
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
@@ -111,6 +133,9 @@ def run(config, workdir: str) -> dict:
   if ckpt.latest_step() is not None:
     state = ckpt.restore(trainer.abstract_state(), train_iter)
     print(f"resumed from step {int(state.step)} in {ckpt.directory}")
+  elif from_hub:
+    state = state_from_hub(trainer, config)
+    print(f"started from the weights of {config.init.hf_checkpoint}")
   else:
     state = trainer.init_state(config.seed)
   start = int(state.step)

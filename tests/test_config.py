@@ -59,3 +59,15 @@ def test_default_config_and_presets_are_valid(tmp_path):
   preset.write_text("def nothing():\n  pass\n")
   with pytest.raises(ConfigError, match="get_config"):
     load_config(str(preset))
+
+
+def test_init_section_is_validated(tmp_path):
+  c = config_lib.default_config()
+  assert c.init.hf_checkpoint is None and c.init.dt_limit == "checkpoint"
+  c.init.hf_checkpoint = str(tmp_path)
+  with pytest.raises(ConfigError, match="'init.hf_checkpoint' .* Hugging Face checkpoint folder"):
+    config_lib.validate(c)
+  c.init.hf_checkpoint = None
+  c.init.dt_limit = "nvidia"
+  with pytest.raises(ConfigError, match="'init.dt_limit' = 'nvidia'.*transformers"):
+    config_lib.validate(c)

@@ -16,7 +16,7 @@ from nemotron_jax import data, hf, sharding
 from nemotron_jax import generate as gen
 from nemotron_jax.checkpoint import Checkpointer
 from nemotron_jax.train_lib import Trainer
-from conftest import tiny_config
+from conftest import TEST_XLA_FLAGS, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -91,9 +91,11 @@ def test_cli_on_a_hugging_face_folder(tmp_path):
                            hf.variable_shapes(c))
   folder, output = str(tmp_path / "hf"), str(tmp_path / "out.json")
   hf.save_checkpoint(c, variables, folder)
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # Parameters sharded 8 ways (fsdp), not replicated.
+  env = dict(os.environ, XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=8")
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "eval.py"), f"--checkpoint={folder}", "--eval_batches=1",
+       "--config.mesh.data=1", "--config.mesh.fsdp=8",
        "--max_new_tokens=6", "--think_budget=2", "--think_end_ids=60,61", "--mqar",
        "--mqar_batches=1", "--cache_report",
        "--cache_contexts=1024", f"--output={output}"],
@@ -106,6 +108,7 @@ def test_cli_on_a_hugging_face_folder(tmp_path):
   assert results["sample"]["text"].startswith("def ")
   assert results["sample"]["tokens"][2:4] == [60, 61]  # the budget of 2 forced the marker
   assert set(results["cache_report"]) == {"nano", "super", "this"}
+  assert results["parameters_sharded_over"] == 8
   # One held-out MQAR batch: 16 rows of 8 queries; random weights recall about nothing.
   assert results["mqar"]["queries"] == 16 * 8 and results["mqar"]["accuracy"] < 0.2
   bad = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), f"--checkpoint={tmp_path}"],
