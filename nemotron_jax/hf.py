@@ -356,7 +356,8 @@ def variable_shardings(config, mesh):
   model = model_lib.build_model(config)
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
   boxed = {k: v for k, v in boxed.items() if k != "moe_stats"}
-  shardings = sharding_lib.logical_to_sharding(boxed, mesh)
+  shardings = sharding_lib.logical_to_sharding(
+      boxed, mesh, sharding_lib.rules(config_lib.model_section(config), mesh))
   sharding_lib.check_divisible(nn.meta.unbox(boxed), shardings, mesh)
   return shardings
 
