@@ -230,3 +230,15 @@ def test_expert_parallel_step_sends_ragged_rows_on_gpu():
   # Forward: rows and expert ids out, results back; backward: the transposes of both ways.
   assert text.count("@ragged_all_to_all(") >= 4, "no ragged exchange in the CUDA module"
   assert "ragged-all-to-all" not in trainer.compile_train_step().as_text()
+
+
+def test_train_step_reports_dropped_copies():
+  """A quarter of the even share per destination cannot hold the copies: the step counts
+  the dropped ones (at least three quarters of all) in moe_dropped_fraction."""
+  c = mesh_config((1, 1, 1, 4))
+  c.model.moe.ep_capacity_factor = 0.25
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:4])
+  trainer = Trainer(c, build_model(c), mesh)
+  _, metrics = trainer.train_step(trainer.init_state(0), trainer.shard_batch(batch()))
+  assert 0.75 <= float(metrics["moe_dropped_fraction"]) < 1.0
+  assert np.isfinite(float(metrics["loss"]))
