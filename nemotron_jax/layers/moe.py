@@ -17,9 +17,17 @@ every token. LatentMoE projects d -> latent_size
 before the routed experts and back after combining; router and shared expert
 see the full-width input.
 
+Under a mesh, routing, experts and statistics run inside one `shard_map` on
+each device's own tokens (`routed_moe`): weights are gathered over fsdp at
+its boundary, the expert width stays split over tensor (partial outputs
+summed), and with an expert axis the token copies travel by all-to-all with
+capacity-bounded buffers (`expert_parallel_experts`).
+
 Per layer, `moe_stats` receives the per-expert load (token copies routed to
-each expert) and the balancing loss sum_i f_i P_i (f_i: load share times the
-number of experts over top_k; P_i: mean normalised score).
+each expert), the balancing loss sum_i f_i P_i (f_i: load share times the
+number of experts over top_k; P_i: mean normalised score), both over the
+global batch, and the token copies routed and dropped for want of
+expert-parallel capacity.
 """
 
 from __future__ import annotations
