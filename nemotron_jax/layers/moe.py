@@ -386,15 +386,22 @@ class MoE(nn.Module):
     if mesh.empty:
       return body(x, h, router, bias, up, down)
     rules = nn.get_logical_axis_rules() or sharding.RULES
-    tokens = sharding.spec(("batch", None), rules)
+
+    def spec(logical, keep=None):
+      # Axes of size 1 are left out, so that values are not typed as varying over them.
+      entries = [tuple(a for a in sharding.spec_axes(entry) if mesh.shape[a] > 1) or None
+                 for entry in sharding.spec(logical, rules, keep)]
+      return P(*entries)
+
+    tokens = spec(("batch", None))
     token_axes = sharding.spec_axes(tokens[0])
     if x.shape[0] % math.prod(mesh.shape[a] for a in token_axes):
       # Too few tokens to split (decoding a small batch): every shard sees all of them.
       tokens, token_axes = P(None, None), ()
     kept = ("exp", "expert_mlp")
-    up_spec = sharding.spec(("exp", axis, "expert_mlp"), rules, keep=kept)
-    down_spec = sharding.spec(("exp", "expert_mlp", axis), rules, keep=kept)
-    expert_axes = [a for a in sharding.spec_axes(up_spec[0]) if mesh.shape[a] > 1]
+    up_spec = spec(("exp", axis, "expert_mlp"), kept)
+    down_spec = spec(("exp", "expert_mlp", axis), kept)
+    expert_axes = sharding.spec_axes(up_spec[0])
     if len(expert_axes) > 1:
       raise ValueError(f"the rules split experts over {expert_axes}; expected one mesh axis")
     expert_axis = expert_axes[0] if expert_axes else None
@@ -404,5 +411,10 @@ class MoE(nn.Module):
       capacity = ep_capacity(copies, mesh.shape[expert_axis], e.ep_capacity_factor)
     body = functools.partial(body, token_axes=token_axes, expert_axis=expert_axis,
                              tensor_axes=sharding.spec_axes(up_spec[2]), capacity=capacity)
+    if self.cfg.remat:
+      # The block's remat does not reach inside a shard_map, which would otherwise keep
+      # its residuals (token copies, expert activations) for every layer until the
+      # backward pass; rematerialised here, it keeps only its inputs.
+      body = jax.checkpoint(body)
     return jax.shard_map(body, in_specs=(tokens, tokens, P(), P(), up_spec, down_spec),
                          out_specs=(tokens, P(), P(), P()))(x, h, router, bias, up, down)
