@@ -17,20 +17,18 @@ Results are printed and, with --output, written as JSON.
 
 import json
 import os
-import sys
 import types
 
 import jax
-import jax.experimental.multihost_utils  # noqa: F401  (train_loop.evaluate uses it)
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 from tqdm import tqdm
 
 from nemotron_jax import checkpoint as checkpoint_lib
 from nemotron_jax import config as config_lib
 from nemotron_jax import data as data_lib
-from nemotron_jax import hf, sharding, train_loop
+from nemotron_jax import cli, hf, sharding, train_loop
 from nemotron_jax.generate import cache_bytes, cache_dtypes, generate
 from nemotron_jax.model import build_model
 from nemotron_jax.train_lib import Trainer
@@ -93,16 +91,26 @@ def config_from_json(saved: dict):
   return config_lib.validate(config)
 
 
+def read_config_json(path: str) -> dict:
+  """The JSON object in `path`; EvalError naming the file and the place it stops parsing."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise EvalError(f"{path} is not valid JSON ({err}); expected the config.json train.py "
+                    "or save_pretrained wrote") from err
+  if not isinstance(saved, dict):
+    raise EvalError(f"{path} holds a JSON {type(saved).__name__}; expected an object of config fields")
+  return saved
+
+
 def checkpoint_kind(path: str) -> str:
   """'workdir' or 'hf'; raises EvalError naming what the folder lacks."""
   if not path or not os.path.isdir(path):
     raise EvalError(f"--checkpoint={path!r} is not a folder; expected a train.py workdir or a "
                     "Hugging Face checkpoint folder")
   cfg = os.path.join(path, "config.json")
-  saved = None
-  if os.path.isfile(cfg):
-    with open(cfg) as f:
-      saved = json.load(f)
+  saved = read_config_json(cfg) if os.path.isfile(cfg) else None
   if os.path.isdir(os.path.join(path, "checkpoints")) or (saved and "model" in saved):
     return "workdir"
   weights = ("model.safetensors", "model.safetensors.index.json")
@@ -120,8 +128,7 @@ def load(path: str):
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
       raise EvalError(f"workdir {path!r} has no config.json (train.py writes it at the start)")
-    with open(cfg) as f:
-      config = config_from_json(json.load(f))
+    config = config_from_json(read_config_json(cfg))
   else:
     config, variables = hf.load_checkpoint(path)
     tokenizer = os.path.join(path, "tokenizer.json")
@@ -297,35 +304,32 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   results = {}
-  try:
-    if FLAGS.checkpoint is None and not FLAGS.cache_report:
-      raise EvalError("nothing to do: pass --checkpoint=PATH (a workdir or a Hugging Face folder) "
-                      "or --cache_report")
+  if FLAGS.checkpoint is None and not FLAGS.cache_report:
+    raise EvalError("nothing to do: pass --checkpoint=PATH (a workdir or a Hugging Face folder) "
+                    "or --cache_report")
+  if FLAGS.checkpoint is not None:
+    config, model, trainer, state = load(FLAGS.checkpoint)
+    variables = variables_of(state)
+    results["checkpoint"] = os.path.abspath(FLAGS.checkpoint)
+    if FLAGS.eval:
+      batches = FLAGS.eval_batches or config.train.eval_batches
+      results["heldout"] = held_out(config.copy_and_resolve_references(), trainer, state, batches)
+      print("held-out:", json.dumps(results["heldout"]))
+    if FLAGS.prompt and FLAGS.max_new_tokens:
+      results["sample"] = sample(config, model, variables)
+    if FLAGS.mqar:
+      results["mqar"] = mqar(config.copy_and_resolve_references(), model, variables)
+      print("mqar:", json.dumps(results["mqar"]))
+    if FLAGS.speculative:
+      results["speculative"] = speculative(config, model, variables)
+    if FLAGS.throughput:
+      results["throughput"] = throughput(config, model, variables)
+  if FLAGS.cache_report:
+    models = {name: config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py")).model
+              for name in ("nano", "super")}
     if FLAGS.checkpoint is not None:
-      config, model, trainer, state = load(FLAGS.checkpoint)
-      variables = variables_of(state)
-      results["checkpoint"] = os.path.abspath(FLAGS.checkpoint)
-      if FLAGS.eval:
-        batches = FLAGS.eval_batches or config.train.eval_batches
-        results["heldout"] = held_out(config.copy_and_resolve_references(), trainer, state, batches)
-        print("held-out:", json.dumps(results["heldout"]))
-      if FLAGS.prompt and FLAGS.max_new_tokens:
-        results["sample"] = sample(config, model, variables)
-      if FLAGS.mqar:
-        results["mqar"] = mqar(config.copy_and_resolve_references(), model, variables)
-        print("mqar:", json.dumps(results["mqar"]))
-      if FLAGS.speculative:
-        results["speculative"] = speculative(config, model, variables)
-      if FLAGS.throughput:
-        results["throughput"] = throughput(config, model, variables)
-    if FLAGS.cache_report:
-      models = {name: config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py")).model
-                for name in ("nano", "super")}
-      if FLAGS.checkpoint is not None:
-        models["this"] = config.model
-      results["cache_report"] = cache_report(models)
-  except (EvalError, config_lib.ConfigError, hf.CheckpointError) as err:
-    sys.exit(f"error: {err}")
+      models["this"] = config.model
+    results["cache_report"] = cache_report(models)
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:
       json.dump(results, f, indent=2)
@@ -333,4 +337,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, user_errors=(EvalError, hf.CheckpointError))

@@ -421,6 +421,12 @@ def validate_checkpoint(c: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates a full config (with a `model` section) and returns it."""
   if not isinstance(config, ml_collections.ConfigDict):
+    try:  # ml_collections' stand-in for a preset that failed to load raises on any access.
+      getattr(config, "model")
+    except IOError as err:
+      cause = err.__cause__ or err
+      raise ConfigError(f"the --config preset could not be loaded: {type(cause).__name__}: "
+                        f"{cause}; expected a Python file defining get_config()") from err
     raise ConfigError(f"expected an ml_collections.ConfigDict, got {type(config).__name__}")
   if "model" not in config:
     raise ConfigError("config has no 'model' section; start presets from "
