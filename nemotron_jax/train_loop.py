@@ -194,6 +194,7 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   _check_batch_size(t, mesh)
+  sharding.process_rows(mesh, t.batch_size)
   model = build_model(config)
   trainer = Trainer(config, model, mesh)
   tokenizer = data_lib.make_tokenizer(config.data) if config.data.source in ("stdlib", "text") else None
