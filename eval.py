@@ -21,7 +21,6 @@ import types
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import flags, logging
 from tqdm import tqdm
 
@@ -142,18 +141,13 @@ def load(path: str):
     return config, model, trainer, types.SimpleNamespace(
         params=variables["params"], moe_state=variables.get("moe_state", {}))
   ckpt = checkpoint_lib.Checkpointer(path, keep=1, async_save=False)
-  step = ckpt.latest_step()
-  if step is None:
+  if ckpt.latest_step() is None:
     raise EvalError(f"workdir {path!r} has no checkpoint in {ckpt.directory}; train.py saves "
                     "every checkpoint.every steps and at the end")
-  try:
-    restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(trainer.abstract_state())))["state"]
-  except (ValueError, KeyError, TypeError) as err:
-    raise EvalError(f"checkpoint step {step} in {ckpt.directory} does not match "
-                    f"{path}/config.json: {err}") from err
+  # The newest step that restores; CheckpointMismatchError (a ConfigError) when none does.
+  restored, _ = ckpt.restore(trainer.abstract_state())
   ckpt.close()
-  print(f"loaded step {step} from {ckpt.directory}")
+  print(f"loaded step {int(restored.step)} from {ckpt.directory}")
   return config, model, trainer, restored
 
 

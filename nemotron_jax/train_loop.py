@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -45,6 +46,9 @@ class StopRequest:
     self.signal_name = None
     self.multi = jax.process_count() > 1
     signals = (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT)
+    # Python takes signal handlers only in the main thread; elsewhere signals act as before.
+    if threading.current_thread() is not threading.main_thread():
+      signals = ()
     self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
   def _handle(self, signum, frame):
