@@ -18,16 +18,11 @@ and CheckpointMismatchError leaves every folder in place.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import glob
 import json
 import os
-import re
 import shutil
 import sys
-import tempfile
-import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -48,27 +43,22 @@ def _one_line(err: BaseException, keep: int = 160) -> str:
   return f"{type(err).__name__}: {text}"
 
 
-@contextlib.contextmanager
-def _without_closed_loop_echoes():
-  """Drops one known echo of a failed restore from stderr: tensorstore reads still in flight
-  finish after orbax closed their event loop, and tensorstore prints a RuntimeError('Event
-  loop is closed') traceback for each from its own threads. Everything else is passed on."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile(mode="w+b") as capture:
-    os.dup2(capture.fileno(), 2)
-    try:
-      yield
-    finally:
-      time.sleep(0.5)  # let late callbacks land in the capture
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      capture.seek(0)
-      text = capture.read().decode(errors="replace")
-      echo = re.compile(r"Traceback \(most recent call last\):\n(?:  .*\n)*?"
-                        r"RuntimeError: Event loop is closed\n")
-      sys.stderr.write(echo.sub("", text))
+def _ignore_closed_loop_echoes() -> None:
+  """Silences one known echo of a failed restore: tensorstore reads still in flight finish
+  after orbax closed their event loop, each reporting RuntimeError('Event loop is closed')
+  through sys.unraisablehook, possibly long after the restore returned. Other unraisable
+  exceptions go to the previous hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "ignores_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.ignores_closed_loop = True
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -107,17 +97,16 @@ class Checkpointer:
     that restores (or of `step`); steps newer than it that fail are moved aside, with a line
     saying which and why."""
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
-    failures = []
-    with _without_closed_loop_echoes():
-      for candidate in steps:
-        try:
-          restored = self._restore_step(candidate, abstract_state)
-          break
-        except Exception as err:  # noqa: BLE001  (any reason a step cannot be read is reported)
-          failures.append((candidate, err))
-          gc.collect()  # settles the failed restore's futures while stderr is captured
-      else:
-        restored = None
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    failures, restored = [], None
+    _ignore_closed_loop_echoes()
+    for candidate in steps:
+      try:
+        restored = self._restore_step(candidate, abstract_state)
+        break
+      except Exception as err:  # noqa: BLE001  (any reason a step cannot be read is reported)
+        failures.append((candidate, err))
     if restored is not None:
       for bad, err in failures:
         self._set_aside(bad, err, candidate)
