@@ -141,8 +141,7 @@ def _check_batch_size(t, mesh) -> None:
 def _schedule_changes(previous: dict, t) -> list[str]:
   """'train.X a -> b' for each schedule field the previous start's config set differently."""
   old = previous.get("train", {})
-  return [f"train.{k} {old[k]!r} -> {t[k]!r}" for k in SCHEDULE_FIELDS
-          if k in old and old[k] != t[k] and not (isinstance(t[k], float) and old[k] == float(t[k]))]
+  return [f"train.{k} {old[k]!r} -> {t[k]!r}" for k in SCHEDULE_FIELDS if k in old and old[k] != t[k]]
 
 
 def record_config(config, workdir: str, start: int) -> None:

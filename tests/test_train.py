@@ -139,6 +139,8 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
   # are finite but wrecked by lr = 1e30, so the resumed run stops again at once.
   again = run(workdir, "--config.train.lr=1e30", "--config.train.grad_clip=0", devices=1)
   assert f"resumed from step {steps[-1]}" in again.stdout
+  # Warmup is back at the preset's 4 steps: the resume says the schedule changed.
+  assert "changed learning-rate schedule: train.warmup_steps 0 -> 4" in again.stdout
   assert again.returncode == 1 and "stopping without saving" in again.stdout
 
 
