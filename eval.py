@@ -298,32 +298,35 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   results = {}
-  if FLAGS.checkpoint is None and not FLAGS.cache_report:
-    raise EvalError("nothing to do: pass --checkpoint=PATH (a workdir or a Hugging Face folder) "
-                    "or --cache_report")
-  if FLAGS.checkpoint is not None:
-    config, model, trainer, state = load(FLAGS.checkpoint)
-    variables = variables_of(state)
-    results["checkpoint"] = os.path.abspath(FLAGS.checkpoint)
-    if FLAGS.eval:
-      batches = FLAGS.eval_batches or config.train.eval_batches
-      results["heldout"] = held_out(config.copy_and_resolve_references(), trainer, state, batches)
-      print("held-out:", json.dumps(results["heldout"]))
-    if FLAGS.prompt and FLAGS.max_new_tokens:
-      results["sample"] = sample(config, model, variables)
-    if FLAGS.mqar:
-      results["mqar"] = mqar(config.copy_and_resolve_references(), model, variables)
-      print("mqar:", json.dumps(results["mqar"]))
-    if FLAGS.speculative:
-      results["speculative"] = speculative(config, model, variables)
-    if FLAGS.throughput:
-      results["throughput"] = throughput(config, model, variables)
-  if FLAGS.cache_report:
-    models = {name: config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py")).model
-              for name in ("nano", "super")}
+  try:
+    if FLAGS.checkpoint is None and not FLAGS.cache_report:
+      raise EvalError("nothing to do: pass --checkpoint=PATH (a workdir or a Hugging Face folder) "
+                      "or --cache_report")
     if FLAGS.checkpoint is not None:
-      models["this"] = config.model
-    results["cache_report"] = cache_report(models)
+      config, model, trainer, state = load(FLAGS.checkpoint)
+      variables = variables_of(state)
+      results["checkpoint"] = os.path.abspath(FLAGS.checkpoint)
+      if FLAGS.eval:
+        batches = FLAGS.eval_batches or config.train.eval_batches
+        results["heldout"] = held_out(config.copy_and_resolve_references(), trainer, state, batches)
+        print("held-out:", json.dumps(results["heldout"]))
+      if FLAGS.prompt and FLAGS.max_new_tokens:
+        results["sample"] = sample(config, model, variables)
+      if FLAGS.mqar:
+        results["mqar"] = mqar(config.copy_and_resolve_references(), model, variables)
+        print("mqar:", json.dumps(results["mqar"]))
+      if FLAGS.speculative:
+        results["speculative"] = speculative(config, model, variables)
+      if FLAGS.throughput:
+        results["throughput"] = throughput(config, model, variables)
+    if FLAGS.cache_report:
+      models = {name: config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py")).model
+                for name in ("nano", "super")}
+      if FLAGS.checkpoint is not None:
+        models["this"] = config.model
+      results["cache_report"] = cache_report(models)
+  except (EvalError, config_lib.ConfigError, hf.CheckpointError) as err:
+    cli.fail(str(err))
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:
       json.dump(results, f, indent=2)
@@ -331,4 +334,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, user_errors=(EvalError, hf.CheckpointError))
+  cli.run(main)
