@@ -12,8 +12,9 @@ they restore from process 0's file, which is the same state.
 
 A step whose files cannot be restored (damaged, half-copied) while an older
 step can is moved to `checkpoints.unrestorable/N` (never deleted) and the run
-continues from the older step. When no step restores, the cause is the config,
-and CheckpointMismatchError leaves every folder in place.
+continues from the older step. When no step restores, the config has most
+likely changed (or every step is damaged): CheckpointMismatchError, and every
+folder stays in place.
 """
 
 from __future__ import annotations
@@ -116,14 +117,13 @@ class Checkpointer:
     raise CheckpointMismatchError(
         f"checkpoint step {newest} in {self.directory} does not match the current config{also} "
         f"(model shape, optimiser or data pipeline changed?): {_one_line(err)}. Use a new "
-        "--workdir, or restore the config the run was started with; the checkpoints are left "
-        "untouched.") from err
+        "--workdir, or restore the config the run was started with (config.from_step_*.json "
+        "in the workdir); the checkpoints are left untouched.") from err
 
   def _set_aside(self, step: int, err: BaseException, resumed: int) -> None:
     """Moves an unrestorable step out of orbax's sight (process 0), so saves can reuse its number."""
-    target = os.path.join(self.aside, str(step))
     if jax.process_index() == 0:
-      n = 1
+      target, n = os.path.join(self.aside, str(step)), 1
       while os.path.exists(target):
         n += 1
         target = os.path.join(self.aside, f"{step}.{n}")
