@@ -17,18 +17,18 @@ from ml_collections import config_flags
 
 from nemotron_jax import cli
 
-
-def define_flags():
-  flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard events.")
-  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
-  flags.DEFINE_integer("num_processes", 1, "Number of processes in a multi-process run.")
-  flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
-  flags.DEFINE_bool("distributed_auto", False, "Initialise jax.distributed from the cluster environment.")
-  config_flags.DEFINE_config_file("config", "configs/tiny.py", "Preset file with get_config().")
-  flags.mark_flags_as_required(["workdir"])
-
-
+flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard events.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", 1, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", 0, "This process's index in a multi-process run.")
+flags.DEFINE_bool("distributed_auto", False, "Initialise jax.distributed from the cluster environment.")
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
+
+
+def define_config_flag():
+  # Called by cli.run: ml_collections applies --config.* overrides while defining the flag.
+  config_flags.DEFINE_config_file("config", "configs/tiny.py", "Preset file with get_config().")
 
 
 def init_distributed():
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, define_flags=define_flags)
+  cli.run(main, define_flags=define_config_flag)
