@@ -18,8 +18,9 @@ The map sources ("tokens", "mqar") are indexed by row, so each process reads
 only its own rows. Packing text is sequential, so there every process packs
 the same global batch and keeps its slice: the union of the process shards is
 exactly the single-process global batch, at the cost of each process
-tokenizing it all. Either way the iterator state counts global rows, so a
-checkpoint restores on any number of processes.
+tokenizing it all. Either way the iterator state describes the global
+stream, the same on every process, so a checkpoint restores on any number of
+processes.
 """
 
 from __future__ import annotations
@@ -408,8 +409,9 @@ class _GlobalRowsIterator(grain.DatasetIterator):
   def set_state(self, state: dict):
     rows = state["next_index"]
     if rows % self._batch:
-      raise ValueError(f"the data iterator state is at row {rows}, not at a multiple of "
-                       f"train.batch_size = {self._batch}: was the batch size changed?")
+      raise ConfigError(f"config field 'train.batch_size' = {self._batch} does not fit the "
+                        f"checkpoint's data iterator state (row {rows}, not a multiple of it); "
+                        "expected the batch size the run was started with")
     self._parent.set_state({"next_index": rows // self._batch})
 
 
