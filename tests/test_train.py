@@ -210,20 +210,49 @@ def test_sigterm_saves_and_resume_is_exact(reference, tmp_path):
 
 
 def test_resume_on_two_processes_and_another_mesh(reference_run, tmp_path):
-  """A 1-process x 4-device checkpoint continues on 2 processes x 2 devices with fsdp = 2."""
+  """A 1-process x 4-device checkpoint continues on 2 processes x 2 devices with fsdp = 2,
+  is preempted there by SIGTERM (orbax's preemption sync point), and resumes again."""
   workdir = copy_run(reference_run, tmp_path, keep_steps=(8,))
-  address = f"127.0.0.1:{free_port()}"
-  procs = [subprocess.Popen(command(workdir, f"--coordinator_address={address}",
-                                    "--num_processes=2", f"--process_id={i}",
-                                    "--config.mesh.fsdp=2", "--config.train.sample_tokens=4"),
-                            env=environment(2), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  with open(metrics) as f:
+    kept = f.readlines()[:8]
+  with open(metrics, "w") as f:
+    f.writelines(kept)
+
+  def start(*extra):
+    address = f"127.0.0.1:{free_port()}"
+    return [subprocess.Popen(command(workdir, f"--coordinator_address={address}",
+                                     "--num_processes=2", f"--process_id={i}",
+                                     "--config.mesh.fsdp=2", *extra),
+                             env=environment(2), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+  procs = start()
+  deadline = time.time() + 600
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    with open(metrics) as f:
+      if sum(1 for _ in f) >= 10:
+        break
+    time.sleep(0.02)
+  for p in procs:  # a scheduler preempting the job signals every process
+    p.send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  out = outputs[0][0]
+  assert "resumed from step 8" in out
+  stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM after step")]
+  assert stopped, out[-3000:]
+  step = int(stopped[0].split()[5].rstrip(";"))
+  assert 10 <= step < 24 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+  procs = start("--config.train.sample_tokens=4")
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
   out = outputs[0][0]
   # The sample needs the fsdp-sharded parameters of both processes on process 0.
-  assert "resumed from step 8" in out and "sample:" in out
+  assert f"resumed from step {step}" in out and "sample:" in out
   steps, values = losses(workdir)
   assert steps == list(range(1, 25))
   # Same global batches; only the order of cross-device sums differs.
