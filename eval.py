@@ -18,20 +18,18 @@ Results are printed and, with --output, written as JSON.
 
 import json
 import os
-import sys
 import types
 
 import jax
-import jax.experimental.multihost_utils  # noqa: F401  (train_loop.evaluate uses it)
 import numpy as np
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from nemotron_jax import config as config_lib
 from nemotron_jax import data as data_lib
-from nemotron_jax import export, hf, sharding, train_loop
+from nemotron_jax import cli, export, hf, sharding, train_loop
 from nemotron_jax.generate import cache_bytes, cache_dtypes, generate
 from nemotron_jax.model import build_model
 from nemotron_jax.train_lib import Trainer
@@ -85,10 +83,7 @@ def checkpoint_kind(path: str) -> str:
     raise EvalError(f"--checkpoint={path!r} is not a folder; expected a train.py workdir or a "
                     "Hugging Face checkpoint folder")
   cfg = os.path.join(path, "config.json")
-  saved = None
-  if os.path.isfile(cfg):
-    with open(cfg) as f:
-      saved = json.load(f)
+  saved = config_lib.read_json(cfg) if os.path.isfile(cfg) else None
   if os.path.isdir(os.path.join(path, "checkpoints")) or (saved and "model" in saved):
     return "workdir"
   weights = ("model.safetensors", "model.safetensors.index.json")
@@ -306,7 +301,7 @@ def main(argv):
         models["this"] = config.model
       results["cache_report"] = cache_report(models)
   except (EvalError, config_lib.ConfigError, hf.CheckpointError) as err:
-    sys.exit(f"error: {err}")
+    cli.fail(str(err))
   if FLAGS.output:
     with open(FLAGS.output, "w") as f:
       json.dump(results, f, indent=2)
@@ -314,4 +309,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,6 +9,7 @@ fields defined here exist; `validate` checks values and combinations and raises
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 
@@ -455,6 +456,12 @@ def validate_init(c: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates a full config (with a `model` section) and returns it."""
   if not isinstance(config, ml_collections.ConfigDict):
+    try:  # ml_collections' stand-in for a preset that failed to load raises on any access.
+      getattr(config, "model")
+    except IOError as err:
+      cause = err.__cause__ or err
+      raise ConfigError(f"the --config preset could not be loaded: {type(cause).__name__}: "
+                        f"{cause}; expected a Python file defining get_config()") from err
     raise ConfigError(f"expected an ml_collections.ConfigDict, got {type(config).__name__}")
   if "model" not in config:
     raise ConfigError("config has no 'model' section; start presets from "
@@ -471,6 +478,20 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if "init" in config:
     validate_init(config.init)
   return config
+
+
+def read_json(path: str) -> dict:
+  """The JSON object in `path` (a config.json); ConfigError naming the file and what is wrong."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ConfigError(f"{path} is not valid JSON ({err}); expected the config.json that train.py "
+                      "or save_pretrained wrote") from err
+  if not isinstance(saved, dict):
+    raise ConfigError(f"{path} holds a JSON {type(saved).__name__}; expected an object of "
+                      "config fields")
+  return saved
 
 
 def from_dict(saved: dict) -> ml_collections.ConfigDict:

@@ -11,9 +11,16 @@ and "mqar" (synthetic multi-query associative recall). Text is cut into
 documents of about `data.chunk_bytes`, tokenized lazily inside the grain map
 and packed into rows of seq_len + 1 tokens.
 
-Every process builds the same global batch and keeps its slice: packing is
-sequential, so this is what makes the union of the process shards exactly the
-single-process global batch, at the cost of each process tokenizing it all.
+Global batch b holds rows [b B, (b + 1) B) of the split's row stream, and
+process p of P feeds rows [p B / P, (p + 1) B / P) of each batch (the rows
+its devices own in the batch sharding, which `sharding.process_rows` checks).
+The map sources ("tokens", "mqar") are indexed by row, so each process reads
+only its own rows. Packing text is sequential, so there every process packs
+the same global batch and keeps its slice: the union of the process shards is
+exactly the single-process global batch, at the cost of each process
+tokenizing it all. Either way the iterator state describes the global
+stream, the same on every process, so a checkpoint restores on any number of
+processes.
 """
 
 from __future__ import annotations
@@ -364,9 +371,54 @@ def _mqar_rows(d, m, split: str, seed: int) -> grain.MapDataset:
       vocab_size=m.vocab_size))
 
 
-def _local_batch(rows: list[dict], *, lo: int, hi: int) -> dict:
-  """This process's rows [lo, hi) of a global batch, padding a short last batch with empty rows."""
-  blank = {k: np.zeros_like(v) for k, v in rows[0].items()}
+class _LocalRowsIterDataset(grain.IterDataset):
+  """Batches of rows [lo, hi) of each global batch of `global_batch_size` rows of a map
+  dataset, reading only those rows; a short last batch is padded with empty rows."""
+
+  def __init__(self, rows: grain.MapDataset, *, global_batch_size: int, lo: int, hi: int):
+    super().__init__()
+    self._rows, self._batch, self._lo, self._hi = rows, global_batch_size, lo, hi
+
+  def _read(self, b: int) -> dict:
+    start, n = b * self._batch, len(self._rows)
+    rows = [self._rows[i] for i in range(start + self._lo, min(start + self._hi, n))]
+    # A batch past the end of a split pads with empty rows shaped like one of this process's.
+    example = None if rows else self._rows[self._lo if self._lo < n else 0]
+    return _local_batch(rows, lo=0, hi=self._hi - self._lo, example=example)
+
+  def __iter__(self) -> _GlobalRowsIterator:
+    count = -(-len(self._rows) // self._batch)
+    batches = grain.MapDataset.range(count).map(self._read)
+    return _GlobalRowsIterator(batches.to_iter_dataset(_READ_OPTIONS).__iter__(), self._batch)
+
+
+class _GlobalRowsIterator(grain.DatasetIterator):
+  """A batch iterator whose state is the count of global rows consumed: the same on every
+  process, and the state grain's batching of the whole row stream would have."""
+
+  def __init__(self, parent: grain.DatasetIterator, global_batch_size: int):
+    super().__init__(parent)
+    self._batch = global_batch_size
+
+  def __next__(self) -> dict:
+    return next(self._parent)
+
+  def get_state(self) -> dict:
+    return {"next_index": self._parent.get_state()["next_index"] * self._batch}
+
+  def set_state(self, state: dict):
+    rows = state["next_index"]
+    if rows % self._batch:
+      raise ConfigError(f"config field 'train.batch_size' = {self._batch} does not fit the "
+                        f"checkpoint's data iterator state (row {rows}, not a multiple of it); "
+                        "expected the batch size the run was started with")
+    self._parent.set_state({"next_index": rows // self._batch})
+
+
+def _local_batch(rows: list[dict], *, lo: int, hi: int, example: dict | None = None) -> dict:
+  """This process's rows [lo, hi) of a global batch, padding a short last batch with empty rows
+  (shaped like `example`, default the first row)."""
+  blank = {k: np.zeros_like(v) for k, v in (example or rows[0]).items()}
   mine = list(rows[lo:hi])
   mine += [blank] * (hi - lo - len(mine))
   return {k: np.stack([r[k] for r in mine]) for k in blank}
@@ -395,28 +447,26 @@ def make_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch_
   def ordered(ds: grain.MapDataset) -> grain.MapDataset:
     return ds.shuffle(order_seed).repeat() if train else ds
 
-  if d.source == "mqar":
-    ds = ordered(_mqar_rows(d, m, split, seed)).to_iter_dataset(_READ_OPTIONS)
-  elif d.source == "tokens":
-    ds = ordered(_token_rows(d, m, split)).to_iter_dataset(_READ_OPTIONS)
-  else:
-    tokenizer = make_tokenizer(d)
-    if tokenizer.vocab_size > m.vocab_size:
-      _fail("model.vocab_size", m.vocab_size,
-            f"data.tokenizer {d.tokenizer!r} has {tokenizer.vocab_size} ids; expected vocab_size >= that")
-    docs = ordered(grain.MapDataset.source(_documents(d, split)))
-    ids = docs.map(lambda doc: tokenizer.encode(_read_chunk(doc)))
-    if d.pack:
-      ds = PackIterDataset(ids.to_iter_dataset(_READ_OPTIONS), row_len=d.seq_len + 1)
-      ds = ds.map(lambda packed: _row_example(*packed))
-      if train and d.shuffle_window > 1:
-        ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=d.shuffle_window,
-                                                         seed=window_seed >> 1)
-    else:
-      ds = ids.map(functools.partial(_unpacked_example, seq_len=d.seq_len)).to_iter_dataset(_READ_OPTIONS)
   local = global_batch_size // process_count
-  return ds.batch(global_batch_size, batch_fn=functools.partial(
-      _local_batch, lo=process_index * local, hi=(process_index + 1) * local))
+  lo, hi = process_index * local, (process_index + 1) * local
+  if d.source in ("mqar", "tokens"):
+    rows = _mqar_rows(d, m, split, seed) if d.source == "mqar" else _token_rows(d, m, split)
+    return _LocalRowsIterDataset(ordered(rows), global_batch_size=global_batch_size, lo=lo, hi=hi)
+  tokenizer = make_tokenizer(d)
+  if tokenizer.vocab_size > m.vocab_size:
+    _fail("model.vocab_size", m.vocab_size,
+          f"data.tokenizer {d.tokenizer!r} has {tokenizer.vocab_size} ids; expected vocab_size >= that")
+  docs = ordered(grain.MapDataset.source(_documents(d, split)))
+  ids = docs.map(lambda doc: tokenizer.encode(_read_chunk(doc)))
+  if d.pack:
+    ds = PackIterDataset(ids.to_iter_dataset(_READ_OPTIONS), row_len=d.seq_len + 1)
+    ds = ds.map(lambda packed: _row_example(*packed))
+    if train and d.shuffle_window > 1:
+      ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=d.shuffle_window,
+                                                       seed=window_seed >> 1)
+  else:
+    ds = ids.map(functools.partial(_unpacked_example, seq_len=d.seq_len)).to_iter_dataset(_READ_OPTIONS)
+  return ds.batch(global_batch_size, batch_fn=functools.partial(_local_batch, lo=lo, hi=hi))
 
 
 def make_iterator(config: ml_collections.ConfigDict, *, split: str, global_batch_size: int,

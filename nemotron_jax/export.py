@@ -11,18 +11,15 @@ transformers' `NemotronHForCausalLM.from_pretrained(out)` loads the folder.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import sys
 
 import jax
-import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 
 from nemotron_jax import checkpoint as checkpoint_lib
 from nemotron_jax import config as config_lib
-from nemotron_jax import hf, sharding
+from nemotron_jax import cli, hf, sharding
 from nemotron_jax.model import build_model
 from nemotron_jax.train_lib import Trainer
 
@@ -48,8 +45,7 @@ def load_workdir(workdir: str, *, mesh=None, step: int | None = None):
   cfg = os.path.join(workdir, "config.json")
   if not os.path.isfile(cfg):
     raise ExportError(f"workdir {workdir!r} has no config.json (train.py writes it at the start)")
-  with open(cfg) as f:
-    config = config_lib.from_dict(json.load(f))
+  config = config_lib.from_dict(config_lib.read_json(cfg))
   mesh = default_mesh(config) if mesh is None else mesh
   trainer = Trainer(config, build_model(config), mesh)
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=False)
@@ -58,15 +54,11 @@ def load_workdir(workdir: str, *, mesh=None, step: int | None = None):
     if not steps:
       raise ExportError(f"workdir {workdir!r} has no checkpoint in {ckpt.directory}; train.py "
                         "saves every checkpoint.every steps and at the end")
-    step = max(steps) if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
       raise ExportError(f"--step={step} is not in {ckpt.directory}; saved steps: {sorted(steps)}")
-    try:
-      state = ckpt.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(trainer.abstract_state())))["state"]
-    except (ValueError, KeyError, TypeError) as err:
-      raise ExportError(f"checkpoint step {step} in {ckpt.directory} does not match "
-                        f"{cfg}: {err}") from err
+    # The newest step that restores (or `step`); CheckpointMismatchError when none does.
+    state, _ = ckpt.restore(trainer.abstract_state(), step)
+    step = int(state.step)
   finally:
     ckpt.close()
   return config, {"params": state.params, "moe_state": state.moe_state}, step
@@ -87,19 +79,20 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   FLAGS = flags.FLAGS
-  try:
-    step = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype)
-  except (ExportError, config_lib.ConfigError, hf.CheckpointError) as err:
-    sys.exit(f"error: {err}")
+  step = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype)
   print(f"exported step {step} of {FLAGS.workdir} to {FLAGS.out}")
 
 
-if __name__ == "__main__":
-  # Defined here, not on import: eval.py imports this module's loader with flags of its own.
+def define_flags():
   flags.DEFINE_string("workdir", None, "A train.py workdir.")
   flags.DEFINE_string("out", None, "The Hugging Face checkpoint folder to write.")
   flags.DEFINE_integer("step", None, "The checkpoint step to export (default: the latest).")
   flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES),
                     "dtype of the written tensors (default: model.param_dtype).")
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+
+
+if __name__ == "__main__":
+  # Flags are defined here, not on import: eval.py imports this module's loader with flags
+  # of its own.
+  cli.run(main, define_flags=define_flags, user_errors=(ExportError, hf.CheckpointError))

@@ -146,8 +146,9 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
   """Raises ConfigError unless the batch axes (data x fsdp x expert) divide `batch_size`."""
   sizes = [mesh.shape[a] for a in BATCH_AXES]
   if batch_size % math.prod(sizes):
-    raise ConfigError(f"train.batch_size = {batch_size} must be divisible by the batch axes "
-                      f"data x fsdp x expert = {' x '.join(map(str, sizes))} = {math.prod(sizes)}")
+    raise ConfigError(f"config field 'train.batch_size' = {batch_size} is invalid: it must be "
+                      f"divisible by the batch axes data x fsdp x expert = "
+                      f"{' x '.join(map(str, sizes))} = {math.prod(sizes)} of the mesh")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -159,3 +160,22 @@ def local_batch_to_global(batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+  """The rows [lo, hi) of a global batch that this process's devices own in `batch_sharding`.
+
+  The data pipeline feeds process p rows [p B / P, (p + 1) B / P); raises if the
+  mesh gives this process other rows, which would pair its rows with the wrong devices.
+  """
+  owned = set()
+  for index in batch_sharding(mesh).addressable_devices_indices_map((global_batch, 1)).values():
+    owned.update(range(global_batch)[index[0]])
+  local = global_batch // jax.process_count()
+  lo = jax.process_index() * local
+  if owned != set(range(lo, lo + local)):
+    raise ConfigError(
+        f"process {jax.process_index()} of {jax.process_count()} feeds rows [{lo}, {lo + local}) "
+        f"of each batch of {global_batch}, but its devices own rows {sorted(owned)[:8]}... in the "
+        f"batch sharding of mesh {dict(mesh.shape)}; order the mesh's devices by process")
+  return lo, lo + local

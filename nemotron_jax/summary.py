@@ -59,7 +59,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from nemotron_jax import config as config_lib
@@ -371,5 +371,5 @@ def main(argv):
 if __name__ == "__main__":
   # Flags are defined only when run as a program, so importing this module
   # never claims global flag names such as --config.
-  define_flags()
-  app.run(main)
+  from nemotron_jax import cli
+  cli.run(main, define_flags=define_flags)

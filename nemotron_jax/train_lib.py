@@ -195,7 +195,11 @@ class Trainer:
                       moe_state=var_shardings.get("moe_state", {}), rng=rep)
 
   def train_step(self, state: TrainState, batch, step: int | None = None) -> tuple[TrainState, dict]:
-    """One optimiser step; `step` (the state's step) selects the late plain-GEMM phase."""
+    """One optimiser step; `step` (the state's step) selects the late plain-GEMM phase.
+
+    When the loss, the gradient norm or any updated parameter is non-finite, the
+    returned state is the input state unchanged and metrics["nonfinite"] is 1.
+    """
     late = self.late_step is not None and step is not None and step >= self.late_step
     with jax.set_mesh(self.mesh):
       return (self._late_train_jit if late else self._train_jit)(state, batch)
@@ -278,10 +282,13 @@ class Trainer:
     params = optax.apply_updates(state.params, updates)
     moe_state = update_expert_bias(state.moe_state, loads,
                                    self.config.model.moe.bias_update_rate)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
-    metrics = {"loss": loss, "ce": ce, "tokens": count, "grad_norm": optax.tree.norm(grads),
+    params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    grad_norm = optax.tree.norm(grads)
+    finite = params_finite & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    metrics = {"loss": loss, "ce": ce, "tokens": count, "grad_norm": grad_norm,
                "lr": lr_schedule(self.config.train)(state.step), "balance_loss": balance,
-               "params_finite": finite.astype(jnp.float32)}
+               "params_finite": params_finite.astype(jnp.float32),
+               "nonfinite": 1 - finite.astype(jnp.int32)}
     if depths:
       metrics["mtp_loss"] = mtp_loss
       for k, (depth_ce, depth_acc) in enumerate(depths, start=1):
@@ -294,6 +301,8 @@ class Trainer:
       metrics["moe_dropped_fraction"] = dropped
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               moe_state=moe_state, rng=jax.random.fold_in(state.rng, state.step))
+    # A non-finite step never becomes the state: the whole state, step count included, stays.
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, metrics
 
   def _eval_step(self, params, moe_state, batch):

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from nemotron_jax import data as data_lib
@@ -17,21 +20,58 @@ from nemotron_jax import hf, sharding
 from nemotron_jax.checkpoint import Checkpointer
 from nemotron_jax.generate import generate
 from nemotron_jax.model import build_model
-from nemotron_jax.train_lib import Trainer, TrainState
+from nemotron_jax.train_lib import Trainer, TrainState, lr_schedule
+
+# The train fields that decide the learning rate at each step.
+SCHEDULE_FIELDS = ("steps", "schedule", "lr", "warmup_steps", "decay_fraction", "decay_shape",
+                   "min_lr_ratio")
 
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or infinite loss or gradient."""
 
 
-class _IteratorSnapshot:
-  """A data-iterator state frozen at save time, so an asynchronous save cannot see later batches."""
+class StopRequest:
+  """SIGTERM / SIGINT become a request to stop after the current step, save and exit.
 
-  def __init__(self, iterator):
-    self._state = json.dumps(iterator.get_state()).encode()
+  One process: both signals set a flag read after every step. Several
+  processes must stop at the same step to save together: SIGTERM is left to
+  JAX's preemption notifier, whose sync point orbax's `reached_preemption`
+  reports after every step, and SIGINT sets a flag the processes agree on at
+  the next host sync.
+  """
 
-  def get_state(self) -> bytes:
-    return self._state
+  def __init__(self, manager):
+    self.manager = manager
+    self.signal_name = None
+    self.multi = jax.process_count() > 1
+    signals = (signal.SIGINT,) if self.multi else (signal.SIGTERM, signal.SIGINT)
+    # Python takes signal handlers only in the main thread; elsewhere signals act as before.
+    if threading.current_thread() is not threading.main_thread():
+      signals = ()
+    self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __call__(self, step: int, sync: bool) -> bool:
+    """Whether every process stops after `step`; `sync` marks steps where processes meet anyway."""
+    if not self.multi:
+      return self.signal_name is not None
+    if self.manager.reached_preemption(step):
+      self.signal_name = self.signal_name or "SIGTERM"
+      return True
+    if sync:
+      flags = multihost_utils.process_allgather(np.int32(self.signal_name is not None))
+      if np.any(flags):
+        self.signal_name = self.signal_name or "SIGINT"
+        return True
+    return False
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 class MetricsLog:
@@ -66,14 +106,8 @@ class MetricsLog:
       self.writer.close()
 
 
-def _finite(metrics: dict) -> bool:
-  """Loss, gradient norm and every updated parameter are finite."""
-  return (all(math.isfinite(float(metrics[k])) for k in ("loss", "grad_norm"))
-          and metrics["params_finite"] == 1.0)
-
-
 def evaluate(trainer: Trainer, state, config, tokenizer, *, max_batches: int) -> dict:
-  """Mean loss, perplexity and bits per byte on the held-out split."""
+  """Mean loss, perplexity and (with a tokenizer) bits per byte on the held-out split."""
   it = data_lib.make_iterator(config, split="heldout", global_batch_size=config.train.batch_size,
                               process_index=jax.process_index(), process_count=jax.process_count())
   nll, tokens, nbytes = 0.0, 0.0, 0
@@ -83,14 +117,65 @@ def evaluate(trainer: Trainer, state, config, tokenizer, *, max_batches: int) ->
     out = jax.device_get(trainer.eval_step(state, trainer.shard_batch(batch)))
     nll += float(out["nll_sum"])
     tokens += float(out["tokens"])
-    nbytes += data_lib.count_bytes(tokenizer, batch)
-  # Byte counts are per process; the losses are already global.
-  nbytes = int(np.sum(jax.experimental.multihost_utils.process_allgather(np.array(nbytes))))
+    if tokenizer is not None:
+      nbytes += data_lib.count_bytes(tokenizer, batch)
   if not tokens:
     return {}
   loss = nll / tokens
-  return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
-          "eval_bpb": nll / math.log(2) / max(nbytes, 1)}
+  result = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+  if tokenizer is not None:
+    # Byte counts are per process; the losses are already global.
+    nbytes = int(np.sum(multihost_utils.process_allgather(np.array(nbytes))))
+    result["eval_bpb"] = nll / math.log(2) / max(nbytes, 1)
+  return result
+
+
+def _schedule_changes(previous: dict, t) -> list[str]:
+  """'train.X a -> b' for each schedule field the previous start's config set differently."""
+  old = previous.get("train", {})
+  return [f"train.{k} {old[k]!r} -> {t[k]!r}" for k in SCHEDULE_FIELDS if k in old and old[k] != t[k]]
+
+
+def record_config(config, workdir: str, start: int) -> None:
+  """Writes config.json (the latest start's, which eval.py reads) and config.from_step_N.json
+  beside those of earlier starts; warns when a resume changes the learning-rate schedule."""
+  if jax.process_index() != 0:
+    return
+  text = config.to_json_best_effort(indent=2)
+  latest = os.path.join(workdir, "config.json")
+  if start and os.path.isfile(latest):
+    try:
+      with open(latest) as f:
+        previous = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      previous = {}
+    changes = _schedule_changes(previous, config.train)
+    if changes:
+      old = type(config.train)(config.train.to_dict())
+      for k in SCHEDULE_FIELDS:
+        if k in previous["train"]:
+          old[k] = type(config.train[k])(previous["train"][k])
+      lr_old, lr_new = (float(lr_schedule(x)(start)) for x in (old, config.train))
+      print(f"warning: resuming at step {start} with a changed learning-rate schedule: "
+            f"{'; '.join(changes)} (lr at step {start}: {lr_old:.4g} -> {lr_new:.4g})", flush=True)
+  name = os.path.join(workdir, f"config.from_step_{start}.json")
+  n = 1
+  while os.path.exists(name):
+    with open(name) as f:
+      if f.read() == text:
+        break
+    n += 1
+    name = os.path.join(workdir, f"config.from_step_{start}.{n}.json")
+  for path in (name, latest):
+    with open(path, "w") as f:
+      f.write(text)
+
+
+def gather_variables(state) -> dict:
+  """Params and MoE state as host arrays on every process, even when they span processes
+  (every process must call this)."""
+  return multihost_utils.process_allgather({"params": state.params, "moe_state": state.moe_state},
+                                           tiled=True)
 
 
 def state_from_hub(trainer: Trainer, config) -> TrainState:
@@ -112,55 +197,70 @@ def state_from_hub(trainer: Trainer, config) -> TrainState:
 def run(config, workdir: str, overrides: dict | None = None) -> dict:
   """Trains (resuming from the latest checkpoint in workdir, else starting from
   `config.init.hf_checkpoint` or a random init); returns a summary dict. `overrides` are the
-  command line's config fields, checked against the hub checkpoint (`hf.init_config`)."""
-  import jax.experimental.multihost_utils  # noqa: F401  (used by evaluate)
+  command line's config fields, checked against the hub checkpoint (`hf.init_config`).
+
+  Stops early, saving first, on SIGTERM / SIGINT (summary["preempted"]); stops
+  without saving at the first host sync after a non-finite step
+  (summary["interrupted"]); such a step never changed the state.
+  """
   from_hub = "init" in config and config.init.hf_checkpoint
   if from_hub:
     config = hf.init_config(config, overrides)
   t = config.train
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(t.batch_size, mesh)
+  sharding.process_rows(mesh, t.batch_size)
   model = build_model(config)
   trainer = Trainer(config, model, mesh)
-  if t.batch_size % math.prod(mesh.shape[a] for a in sharding.BATCH_AXES):
-    raise ValueError(f"train.batch_size = {t.batch_size} must be divisible by the batch axes "
-                     f"data x fsdp x expert = {[mesh.shape[a] for a in sharding.BATCH_AXES]}")
   tokenizer = data_lib.make_tokenizer(config.data) if config.data.source in ("stdlib", "text") else None
   train_iter = data_lib.make_iterator(config, split="train", global_batch_size=t.batch_size,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count())
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(trainer.abstract_state(), train_iter)
-    print(f"resumed from step {int(state.step)} in {ckpt.directory}")
+    state, data_state = ckpt.restore(trainer.abstract_state())
+    train_iter.set_state(data_state)
+    if jax.process_index() == 0:
+      print(f"resumed from step {int(state.step)} in {ckpt.directory}", flush=True)
   elif from_hub:
     state = state_from_hub(trainer, config)
     print(f"started from the weights of {config.init.hf_checkpoint}")
   else:
     state = trainer.init_state(config.seed)
   start = int(state.step)
+  record_config(config, workdir, start)
   log = MetricsLog(workdir, start)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
 
-  history, interrupted = [], False
+  history, interrupted, saved = [], False, start
+  last_eval = None
+  nonfinite = None  # device-side count of skipped steps since the last host sync
   last_time, last_step = time.time(), start
   bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=jax.process_index() != 0,
              desc="train")
+  stop = StopRequest(ckpt.manager)
   try:
     for step in bar:
       batch = trainer.shard_batch(next(train_iter))
       state, metrics = trainer.train_step(state, batch, step)
+      nonfinite = metrics["nonfinite"] if nonfinite is None else nonfinite + metrics["nonfinite"]
       done = step + 1
       save_now = done == t.steps or (config.checkpoint.every and done % config.checkpoint.every == 0)
-      if done % t.log_every == 0 or save_now or done == start + 1:
+      eval_now = bool(t.eval_every) and done % t.eval_every == 0
+      sync = done % t.log_every == 0 or save_now or eval_now or done == start + 1
+      if sync:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not _finite(values):
+        skipped = int(jax.device_get(nonfinite))
+        nonfinite = None
+        if skipped:
           raise NonFiniteLossError(
-              f"step {done}: loss = {values['loss']}, grad_norm = {values['grad_norm']}, "
-              f"parameters finite = {bool(values['params_finite'])}; "
-              f"stopping without saving this state (the last checkpoint, if any, is intact). "
-              f"Try a lower train.lr (now {t.lr}) or train.grad_clip.")
+              f"{skipped} step(s) up to step {done} had a non-finite loss, gradient or update "
+              f"and were skipped, so the state is that of step {int(state.step)}; at step {done} "
+              f"loss = {values['loss']}, grad_norm = {values['grad_norm']}, parameters finite = "
+              f"{bool(values['params_finite'])}; stopping without saving this state (the last "
+              f"checkpoint, if any, is intact). Try a lower train.lr (now {t.lr}) or "
+              "train.grad_clip.")
+        del values["nonfinite"]
         now = time.time()
         values["tokens_per_s"] = (done - last_step) * t.batch_size * config.data.seq_len / max(
             now - last_time, 1e-9)
@@ -168,31 +268,48 @@ def run(config, workdir: str, overrides: dict | None = None) -> dict:
         if trainer.quantized:
           values.update({k: float(v) for k, v in jax.device_get(
               trainer.quant_stats(state, batch)).items()})
+        if eval_now:
+          last_eval = (done, evaluate(trainer, state, config, tokenizer, max_batches=t.eval_batches))
+          values.update(last_eval[1])
         record = {"step": done, **values}
         history.append(record)
         log.write(record)
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
       if save_now:
-        ckpt.save(done, state, _IteratorSnapshot(train_iter))
+        ckpt.save(done, state, train_iter.get_state())
+        saved = done
+      if done < t.steps and stop(done, sync):
+        if saved != done:
+          ckpt.save(done, state, train_iter.get_state())
+        ckpt.wait()
+        if jax.process_index() == 0:
+          print(f"stopped by {stop.signal_name} after step {done}; saved checkpoint {done} in "
+                f"{ckpt.directory}; rerun the same command to resume", flush=True)
+        break
   except NonFiniteLossError as err:
     print(f"error: {err}")
     interrupted = True
   finally:
+    stop.restore()
     ckpt.wait()
     log.close()
 
-  summary = {"steps": int(state.step), "interrupted": interrupted}
+  preempted = stop.signal_name is not None and int(state.step) < t.steps and not interrupted
+  summary = {"steps": int(state.step), "interrupted": interrupted, "preempted": preempted}
   if history:
     summary["first_loss"], summary["last_loss"] = history[0]["loss"], history[-1]["loss"]
-  if not interrupted:
-    summary.update(evaluate(trainer, state, config, tokenizer, max_batches=t.eval_batches)
-                   if tokenizer is not None else {})
-    if tokenizer is not None and t.sample_tokens and jax.process_index() == 0:
-      variables = jax.device_get({"params": state.params, "moe_state": state.moe_state})
-      prompt = tokenizer.encode("def ")
-      out = generate(model, variables, [prompt], t.sample_tokens, greedy=False, temperature=0.8,
-                     top_k=40, rng=jax.random.PRNGKey(0))
-      summary["sample"] = tokenizer.decode(np.concatenate([prompt, out.to_lists()[0]]))
+  if not interrupted and not preempted and (tokenizer is not None or t.eval_every):
+    if last_eval is not None and last_eval[0] == int(state.step):
+      summary.update(last_eval[1])
+    else:
+      summary.update(evaluate(trainer, state, config, tokenizer, max_batches=t.eval_batches))
+    if tokenizer is not None and t.sample_tokens:
+      variables = gather_variables(state)
+      if jax.process_index() == 0:
+        prompt = tokenizer.encode("def ")
+        out = generate(model, variables, [prompt], t.sample_tokens, greedy=False,
+                       temperature=0.8, top_k=40, rng=jax.random.PRNGKey(0))
+        summary["sample"] = tokenizer.decode(np.concatenate([prompt, out.to_lists()[0]]))
   ckpt.close()
   if jax.process_index() == 0:
     report = {k: v for k, v in summary.items() if k != "sample"}

@@ -136,7 +136,8 @@ def test_restored_iterator_matches_uninterrupted(source, fields, corpus, tmp_pat
     _assert_same(batches[step:step + 8], _take(resumed, len(batches[step:step + 8])))
 
 
-@pytest.mark.parametrize("source,split", [("stdlib", "train"), ("text", "heldout"), ("mqar", "train")])
+@pytest.mark.parametrize("source,split", [("stdlib", "train"), ("text", "heldout"), ("mqar", "train"),
+                                          ("tokens", "heldout"), ("tokens", "train")])
 def test_process_shards_partition_the_global_batch(source, split, corpus, tmp_path):
   c = _source_config(source, corpus, tmp_path, heldout_fraction=0.25)
 
@@ -145,7 +146,7 @@ def test_process_shards_partition_the_global_batch(source, split, corpus, tmp_pa
     return _take(it, 3) if split == "train" else list(it)
 
   glob = batches()
-  if split == "heldout":  # 16 rows: the second batch is padded with 8 empty rows
+  if source == "text":  # 16 held-out rows: the second batch is padded with 8 empty rows
     assert len(glob) == 2 and not glob[-1]["segment_ids"][4:].any()
   for count in (2, 4):
     shards = [batches(process_index=p, process_count=count) for p in range(count)]
@@ -155,6 +156,43 @@ def test_process_shards_partition_the_global_batch(source, split, corpus, tmp_pa
         parts = [shard[step][k] for shard in shards]
         assert all(part.shape[0] == 12 // count for part in parts)
         np.testing.assert_array_equal(np.concatenate(parts), whole[k], err_msg=k)
+
+
+def test_map_sources_read_only_the_process_rows(monkeypatch):
+  c = _config(source="mqar", heldout_fraction=0.25)
+  c.data.mqar.num_examples = 64  # 16 held-out rows: batches of 12 and a padded 4
+  read = []
+  example = data._mqar_example
+  monkeypatch.setattr(data, "_mqar_example", lambda index, **kw: read.append(index) or example(index, **kw))
+  whole = list(data.make_iterator(c, split="heldout", global_batch_size=12))
+  assert sorted(read) == list(range(16))
+  for p in range(3):
+    read.clear()
+    shard = list(data.make_iterator(c, split="heldout", global_batch_size=12, process_index=p,
+                                    process_count=3))
+    # Held-out rows are in order, so row i is in slot i % 12 of its batch: slots 4p .. 4p + 3.
+    assert read and all(4 * p <= i % 12 < 4 * p + 4 for i in read), (p, sorted(read))
+    np.testing.assert_array_equal(shard[0]["inputs"], whole[0]["inputs"][4 * p:4 * p + 4])
+
+
+@pytest.mark.parametrize("source", ["stdlib", "tokens", "mqar"])
+def test_iterator_state_restores_on_another_process_count(source, corpus, tmp_path):
+  c = _source_config(source, corpus, tmp_path)
+  one = data.make_iterator(c, split="train", global_batch_size=8)
+  _take(one, 3)
+  state = json.loads(json.dumps(one.get_state()))
+  expected = _take(one, 2)
+  for count in (2, 4):
+    shards = []
+    for p in range(count):
+      it = data.make_iterator(c, split="train", global_batch_size=8, process_index=p,
+                              process_count=count)
+      it.set_state(state)
+      shards.append(_take(it, 2))
+      assert json.loads(json.dumps(it.get_state())) == json.loads(json.dumps(one.get_state()))
+    for step, whole in enumerate(expected):
+      np.testing.assert_array_equal(np.concatenate([s[step]["inputs"] for s in shards]),
+                                    whole["inputs"])
 
 
 def test_packing_respects_documents(corpus):

@@ -74,7 +74,7 @@ def test_workdir_restores_the_saved_state(tmp_path):
   state = trainer.init_state(3)
   iterator = data.make_iterator(c, split="train", global_batch_size=c.train.batch_size)
   ckpt = Checkpointer(str(tmp_path), keep=1, async_save=False)
-  ckpt.save(5, state, iterator)
+  ckpt.save(5, state, iterator.get_state())
   ckpt.close()
   with open(tmp_path / "config.json", "w") as f:
     f.write(c.to_json_best_effort(indent=2))

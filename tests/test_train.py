@@ -1,7 +1,12 @@
-"""End-to-end train.py runs: multi-process equivalence, exact resume after SIGKILL, NaN stop."""
+"""End-to-end train.py runs: multi-process equivalence, exact resume after SIGKILL and SIGTERM,
+from a corrupted latest checkpoint and on another process count and mesh, periodic evaluation,
+and the stop on non-finite steps."""
 
+import glob
 import json
+import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,13 +46,29 @@ def losses(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference_run(tmp_path_factory):
+  """An uninterrupted 1-process x 4-device run: its workdir (checkpoints 8, 16, 24) and losses."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   proc = run(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   steps, values = losses(workdir)
   assert steps == list(range(1, 25))
-  return values
+  return workdir, values
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+  return reference_run[1]
+
+
+def copy_run(reference_run, tmp_path, keep_steps):
+  """A copy of the reference workdir holding only the checkpoints of `keep_steps`."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(reference_run[0], workdir)
+  for folder in os.listdir(os.path.join(workdir, "checkpoints")):
+    if folder.isdigit() and int(folder) not in keep_steps:
+      shutil.rmtree(os.path.join(workdir, "checkpoints", folder))
+  return workdir
 
 
 def free_port():
@@ -111,9 +132,128 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
   assert saved and saved[-1] == steps[-1]  # the last checkpoint is the last finite state
   # A run whose optimiser differs (clipping on adds state) is refused, touching nothing...
   mismatch = run(workdir, devices=1)
-  assert mismatch.returncode != 0 and "does not match the current config" in mismatch.stderr
+  assert mismatch.returncode == 2 and "does not match the current config" in mismatch.stderr
+  assert "Traceback" not in mismatch.stderr
+  assert sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()) == saved
   # ...and the checkpoint still restores under the config it was written with. Its weights
   # are finite but wrecked by lr = 1e30, so the resumed run stops again at once.
   again = run(workdir, "--config.train.lr=1e30", "--config.train.grad_clip=0", devices=1)
   assert f"resumed from step {steps[-1]}" in again.stdout
+  # Warmup is back at the preset's 4 steps: the resume says the schedule changed.
+  assert "changed learning-rate schedule: train.warmup_steps 0 -> 4" in again.stdout
   assert again.returncode == 1 and "stopping without saving" in again.stdout
+
+
+def test_corrupted_latest_checkpoint_falls_back(reference_run, tmp_path):
+  workdir = copy_run(reference_run, tmp_path, keep_steps=(16, 24))
+  # Damage every data file of step 24's state, as a disk or a half-finished copy would.
+  files = glob.glob(os.path.join(workdir, "checkpoints", "24", "state", "**", "d", "*"),
+                    recursive=True)
+  assert files
+  for name in files:
+    size = os.path.getsize(name)
+    with open(name, "r+b") as f:
+      f.seek(size // 2)
+      f.write(b"\0" * max(size // 4, 1))
+  proc = run(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  aside = os.path.join(workdir, "checkpoints.unrestorable", "24")
+  warning = [line for line in proc.stdout.splitlines() if "cannot be restored" in line]
+  assert len(warning) == 1 and "checkpoint step 24" in warning[0] and aside in warning[0]
+  assert "resuming from step 16" in warning[0]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert os.path.isdir(aside)  # moved aside, not deleted
+  steps, values = losses(workdir)
+  assert steps == list(range(1, 25))
+  np.testing.assert_array_equal(values, reference_run[1])
+
+
+def test_sigterm_saves_and_resume_is_exact(reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(command(workdir), env=environment(4), cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics):
+      with open(metrics) as f:
+        if sum(1 for _ in f) >= 10:
+          break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM after step")]
+  assert stopped, out[-3000:]
+  step = int(stopped[0].split()[5].rstrip(";"))
+  assert 10 <= step < 24 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+  # The resumed run also evaluates every 8 steps, which must not change training.
+  resumed = run(workdir, "--config.train.eval_every=8")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {step}" in resumed.stdout
+  steps, values = losses(workdir)
+  assert steps == list(range(1, 25))
+  np.testing.assert_array_equal(values, reference)
+  with open(metrics) as f:
+    records = {r["step"]: r for r in map(json.loads, f)}
+  for s in (16, 24):
+    r = records[s]
+    assert math.isclose(r["eval_ppl"], math.exp(r["eval_loss"]), rel_tol=1e-9)
+    assert 0 < r["eval_bpb"] < 8 * r["eval_loss"]
+  assert "eval_loss" not in records[15]
+  events = glob.glob(os.path.join(workdir, "tensorboard", "events.*"))
+  assert any(b"eval_bpb" in open(e, "rb").read() for e in events)
+  # Each start's config is kept, named by the step it started from.
+  assert os.path.isfile(os.path.join(workdir, "config.from_step_0.json"))
+  with open(os.path.join(workdir, f"config.from_step_{step}.json")) as f:
+    assert json.load(f)["train"]["eval_every"] == 8
+
+
+def test_resume_on_two_processes_and_another_mesh(reference_run, tmp_path):
+  """A 1-process x 4-device checkpoint continues on 2 processes x 2 devices with fsdp = 2,
+  is preempted there by SIGTERM (orbax's preemption sync point), and resumes again."""
+  workdir = copy_run(reference_run, tmp_path, keep_steps=(8,))
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  with open(metrics) as f:
+    kept = f.readlines()[:8]
+  with open(metrics, "w") as f:
+    f.writelines(kept)
+
+  def start(*extra):
+    address = f"127.0.0.1:{free_port()}"
+    return [subprocess.Popen(command(workdir, f"--coordinator_address={address}",
+                                     "--num_processes=2", f"--process_id={i}",
+                                     "--config.mesh.fsdp=2", *extra),
+                             env=environment(2), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+  procs = start()
+  deadline = time.time() + 600
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    with open(metrics) as f:
+      if sum(1 for _ in f) >= 10:
+        break
+    time.sleep(0.02)
+  for p in procs:  # a scheduler preempting the job signals every process
+    p.send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  out = outputs[0][0]
+  assert "resumed from step 8" in out
+  stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM after step")]
+  assert stopped, out[-3000:]
+  step = int(stopped[0].split()[5].rstrip(";"))
+  assert 10 <= step < 24 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+  procs = start("--config.train.sample_tokens=4")
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  out = outputs[0][0]
+  # The sample needs the fsdp-sharded parameters of both processes on process 0.
+  assert f"resumed from step {step}" in out and "sample:" in out
+  steps, values = losses(workdir)
+  assert steps == list(range(1, 25))
+  # Same global batches; only the order of cross-device sums differs.
+  np.testing.assert_allclose(values, reference_run[1], rtol=2e-5)
