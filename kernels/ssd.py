@@ -153,8 +153,9 @@ def _launch(cfg: _Config, kernel, *, name, grid, in_specs, out_specs, out_shape)
     return functools.partial(run, True)
 
   def unsupported(*args):
-    avals = tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in out_shape)
-    return _no_kernel_p.bind(*args, out_avals=avals)
+    shapes = out_shape if isinstance(out_shape, (list, tuple)) else [out_shape]
+    outs = _no_kernel_p.bind(*args, out_avals=tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in shapes))
+    return tuple(outs) if shapes is out_shape else outs[0]
 
   # Decided when the platform is known, so a CUDA export carries the Triton kernels.
   return lambda *args: lax.platform_dependent(

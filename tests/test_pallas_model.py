@@ -12,7 +12,7 @@ from conftest import tiny_config
 
 
 def test_pallas_logits_match_xla():
-  c = tiny_config("M*M", {"mamba.ssd_impl": "pallas"})
+  c = tiny_config("M*M", {"mamba.ssd_impl": "pallas", "mamba.kernel.interpret": True})
   pallas = build_model(c)
   c.model.mamba.ssd_impl = "xla"
   xla = build_model(c)

@@ -8,8 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemotron_jax.kernels.ssd import ssd_pallas
+from nemotron_jax.kernels.ssd import UnsupportedPlatformError, ssd_pallas
 from nemotron_jax.layers.ssd import ssd_chunked, ssd_sequential
+
+# The kernels through the Pallas interpreter: CPU has no compiled kernel.
+pallas = functools.partial(ssd_pallas, interpret=True)
+KERNELS = {"ssd_chunk_state", "ssd_state_pass", "ssd_chunk_scan", "ssd_state_pass_bwd",
+           "ssd_chunk_pair_bwd", "ssd_chunk_token_bwd", "ssd_group_bwd"}
+CUDA_EXPORT = dict(platforms=("cuda",),
+                   disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
 
 H, P, N = 4, 8, 16
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
@@ -78,7 +85,7 @@ def test_matches_references(case):
   dy = jnp.asarray(rng.standard_normal((b, l, H, P)), jnp.float32)
   dfinal = jnp.asarray(rng.standard_normal((b, H, P, N)), jnp.float32)
 
-  got = vjp_fn(ssd_pallas, q, with_init, with_seg)(args, init, seg, dy, dfinal)
+  got = vjp_fn(pallas, q, with_init, with_seg)(args, init, seg, dy, dfinal)
   # All paths see the same (possibly bf16-rounded) inputs and work in float32, so
   # y, the final state and float32 gradients differ only by the rounding of
   # different summation orders: ~1e-6 of the largest value here, checked at 1e-5
@@ -101,7 +108,7 @@ def test_segments_isolate_documents():
   (x, dt, A, B, C, D), init = make_inputs(1, 24, 2, jnp.float32, True)
   seg = jnp.asarray([[0] * 8 + [1] * 16], jnp.int32)
   run = jax.jit(jax.vmap(
-      lambda x, init: ssd_pallas(x, dt, A, B, C, D, chunk_size=16, initial_state=init, segment_ids=seg)[0]))
+      lambda x, init: pallas(x, dt, A, B, C, D, chunk_size=16, initial_state=init, segment_ids=seg)[0]))
   y = run(jnp.stack([x, x.at[:, :8].set(3.0)]), jnp.stack([init, -init]))
   np.testing.assert_array_equal(np.asarray(y[0, :, 8:]), np.asarray(y[1, :, 8:]))
   assert not np.allclose(y[0, :, :8], y[1, :, :8])
@@ -116,14 +123,10 @@ def test_cuda_export_contains_triton_kernels():
     y, final = ssd_pallas(x, dt, A, B, C, D, chunk_size=q, initial_state=init, segment_ids=seg)
     return jnp.sum(y**2) + jnp.sum(final**2)
 
-  exported = jax.export.export(
-      jax.jit(jax.grad(loss, argnums=range(7))), platforms=("cuda",),
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=range(7))), **CUDA_EXPORT)(*args)
   text = exported.mlir_module()
   assert "__gpu$xla.gpu.triton" in text
-  kernels = set(re.findall(r'name = "(ssd_\w+)"', text))
-  assert kernels == {"ssd_chunk_state", "ssd_state_pass", "ssd_chunk_scan",
-                     "ssd_state_pass_bwd", "ssd_chunk_scan_bwd"}
+  assert set(re.findall(r'name = "(ssd_\w+)"', text)) == KERNELS
 
 
 def test_bad_groups_names_the_field():
@@ -131,3 +134,93 @@ def test_bad_groups_names_the_field():
   B3 = jnp.zeros((1, 8, 3, N))
   with pytest.raises(ValueError, match="n_groups = 3"):
     ssd_pallas(x, dt, A, B3, B3, D, chunk_size=8)
+
+
+# Published Mamba shapes (heads, head_dim, groups, d_state, chunk): Nemotron 3 Nano,
+# Nemotron Nano v2 (head_dim 80), Nemotron-H 8B, and an odd one where nothing is a
+# power of two (head_dim 12, d_state 24, chunk 48).
+PUBLISHED = {"nano3": (64, 64, 8, 128, 128), "nano_v2": (128, 80, 8, 128, 128),
+             "nemotron_h_8b": (128, 64, 8, 128, 128), "odd": (6, 12, 3, 24, 48)}
+
+
+def ssd_inputs(b, l, h, p, g, n, dtype, seed=0):
+  """(x, dt, A, B, C, D), initial state, segment ids (a change at l // 3), as make_inputs but any shape."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  x, B, C = normal(b, l, h, p), normal(b, l, g, n), normal(b, l, g, n)
+  dt = jax.nn.softplus(normal(b, l, h) - 1.0)
+  A = -jnp.exp(jnp.asarray(rng.uniform(0.0, 1.5, h), jnp.float32))
+  x, dt, B, C = (t.astype(dtype) for t in (x, dt, B, C))
+  seg = jnp.asarray(np.repeat([[0] * (l // 3) + [1] * (l - l // 3)], b, axis=0), jnp.int32)
+  return (x, dt, A, B, C, normal(h)), normal(b, h, p, n), seg
+
+
+@pytest.mark.parametrize("shape", PUBLISHED)
+def test_published_shapes_export_for_cuda(shape):
+  """Forward and backward lower to Triton at every published shape, float32 and bfloat16."""
+  h, p, g, n, q = PUBLISHED[shape]
+  b, l = 1, 2 * q + 5
+  for dtype in (jnp.float32, jnp.bfloat16):
+    (x, dt, A, B, C, D), init, seg = jax.eval_shape(lambda: ssd_inputs(b, l, h, p, g, n, dtype))
+
+    def loss(x, dt, A, B, C, D, init, seg):
+      y, final = ssd_pallas(x, dt, A, B, C, D, chunk_size=q, initial_state=init, segment_ids=seg)
+      return jnp.sum(y**2) + jnp.sum(final**2)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=range(7)))
+    text = jax.export.export(grad, **CUDA_EXPORT)(x, dt, A, B, C, D, init, seg).mlir_module()
+    assert set(re.findall(r'name = "(ssd_\w+)"', text)) == KERNELS, (shape, dtype)
+
+
+# Interpreted values and gradients at the published head_dim / groups / d_state / chunk
+# with 8 heads (the interpreter's run time grows with the grid), a little over one chunk;
+# the odd shape in full over three chunks.
+VALUE_CASES = {"head_dim64_f32": (8, 64, 8, 128, 128, jnp.float32, 128 + 5),
+               "head_dim80_bf16": (8, 80, 8, 128, 128, jnp.bfloat16, 128 + 5),
+               "odd_f32": (6, 12, 3, 24, 48, jnp.float32, 2 * 48 + 7)}
+
+
+@pytest.mark.parametrize("case", VALUE_CASES)
+def test_published_shapes_match_xla(case):
+  h, p, g, n, q, dtype, l = VALUE_CASES[case]
+  args, init, seg = ssd_inputs(1, l, h, p, g, n, dtype)
+  rng = np.random.default_rng(1)
+  dy = jnp.asarray(rng.standard_normal((1, l, h, p)), jnp.float32)
+  dfinal = jnp.asarray(rng.standard_normal((1, h, p, n)), jnp.float32)
+  got = vjp_fn(pallas, q, True, True)(args, init, seg, dy, dfinal)
+  want = vjp_fn(ssd_chunked, q, True, True)(args, init, seg, dy, dfinal)
+  # float32 throughout: different summation orders round differently, ~1e-6 of the
+  # largest value for sums of a few hundred terms. dA and dD [h] each sum ~1e6
+  # products of both signs (every token and head_dim entry), so their rounding
+  # relative to the largest entry reaches a few 1e-5. bf16 gradients are rounded to bf16.
+  assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5
+  for name, gg, gw in zip(GRAD_NAMES, got[2], want[2]):
+    grad_tol = 1e-2 if dtype == jnp.bfloat16 else 1e-4 if name in ("A", "D") else 2e-5
+    assert gg.dtype == gw.dtype, name
+    assert rel_err(gg, gw) < grad_tol, f"d{name}: {rel_err(gg, gw):.2e}"
+
+
+def test_dot_precision_bf16_rounds_operands():
+  """precision="bf16" changes results by bf16 rounding of the dot operands (and no more)."""
+  args, init, seg = ssd_inputs(1, 40, 4, 16, 2, 16, jnp.float32)
+  run = jax.jit(lambda precision: pallas(*args, chunk_size=16, initial_state=init, segment_ids=seg,
+                                         precision=precision)[0], static_argnums=0)
+  err = rel_err(run("bf16"), run("float32"))
+  assert 1e-4 < err < 3e-2, err
+
+
+def test_non_cuda_platform_raises_named_error():
+  (x, dt, A, B, C, D), _, _ = ssd_inputs(1, 20, 4, 16, 2, 16, jnp.float32)
+  f = jax.jit(lambda *a: ssd_pallas(*a, chunk_size=16)[0])
+  with pytest.raises(UnsupportedPlatformError, match=r"only for CUDA, not for platform\(s\) \['tpu'\].*interpret=True"):
+    jax.export.export(f, platforms=("tpu",))(x, dt, A, B, C, D)
+  with pytest.raises(UnsupportedPlatformError, match=r"\['cpu'\]"):
+    f(x, dt, A, B, C, D)
+
+
+@pytest.mark.parametrize("setting,value", [("block_p", 24), ("block_t", 8), ("num_warps", 3),
+                                           ("precision", "fp16"), ("interpret", None)])
+def test_bad_kernel_setting_names_it(setting, value):
+  (x, dt, A, B, C, D), _, _ = ssd_inputs(1, 8, 4, 16, 2, 16, jnp.float32)
+  with pytest.raises(ValueError, match=f"{setting} = {value!r} is invalid"):
+    ssd_pallas(x, dt, A, B, C, D, chunk_size=8, **{setting: value})
