@@ -224,3 +224,53 @@ def test_bad_kernel_setting_names_it(setting, value):
   (x, dt, A, B, C, D), _, _ = ssd_inputs(1, 8, 4, 16, 2, 16, jnp.float32)
   with pytest.raises(ValueError, match=f"{setting} = {value!r} is invalid"):
     ssd_pallas(x, dt, A, B, C, D, chunk_size=8, **{setting: value})
+
+
+def triton_modules(exported):
+  """{kernel name: [Triton IR text]} of the Triton calls in an exported CUDA module.
+
+  Reads the kernels' serialized Triton IR through jax's private MLIR bindings (a test-only
+  look inside the lowering, which has no public API).
+  """
+  from jax._src.interpreters import mlir as jax_mlir
+  from jax._src.lib.mlir import ir
+  from jax._src.pallas.triton import lowering as triton_lowering
+
+  with jax_mlir.make_ir_context():
+    module = ir.Module.parse(exported.mlir_module())
+  found = {}
+
+  def walk(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for inner in block.operations:
+          if inner.operation.name == "stablehlo.custom_call" and "mhlo.backend_config" in inner.attributes:
+            config = inner.attributes["mhlo.backend_config"]
+            with triton_lowering._new_ir_context():
+              kernel = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
+              found.setdefault(ir.StringAttr(config["name"]).value, []).append(str(kernel))
+          walk(inner.operation)
+
+  walk(module.operation)
+  return found
+
+
+def test_long_sequence_uses_64_bit_offsets():
+  """At 512K tokens of Nano 3 Mamba shapes the states [b chunks h p n] take 8 GiB: every kernel
+  must address such operands with 64-bit offsets (32-bit ones wrap past 2^31 elements)."""
+  h, p, g, n, q = PUBLISHED["nano3"]
+  l = 1 << 19
+  spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+  args = [spec((1, l, h, p)), spec((1, l, h)), spec((h,), jnp.float32), spec((1, l, g, n)),
+          spec((1, l, g, n)), spec((h,), jnp.float32)]
+
+  def loss(*a):
+    y, final = ssd_pallas(*a, chunk_size=q)
+    return jnp.sum(y) + jnp.sum(final)
+
+  exported = jax.export.export(jax.jit(jax.value_and_grad(loss, argnums=range(6))), **CUDA_EXPORT)(*args)
+  modules = triton_modules(exported)
+  assert set(modules) == KERNELS
+  for name, texts in modules.items():
+    for text in texts:
+      assert re.search(r"tt\.addptr.*tensor<[^>]*i64>", text), f"{name} has no 64-bit offsets"
