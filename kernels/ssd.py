@@ -46,30 +46,34 @@ one (no-op tokens with dt = 0 and x = B = C = 0 at the end of every chunk; zero
 head_dim columns), d_state is padded with zero columns to a power of two; the
 padding changes no result and is cut from the outputs.
 
-Register and shared-memory budget (float32 accumulators, T the token tile, P
-the head_dim tile, N d_state; Nano 3, Nano v2 and Nemotron-H 8B all have
-N = 128 and chunk 128; defaults T = 64 forward, 32 backward, P = 32):
-  _scan_kernel   live: acc [T P], the C.B^T and decay tiles [T T] and the x
-                 tile [T P]; the entering-state product C_i start^T reads
-                 [T N] + [P N] once before the loop. T = 64: 2K + 2x4K + 2K
-                 floats = 48 KiB, ~96 registers a thread at 4 warps; the dot
-                 operands stage through shared memory, (2 stages) x (4K + 2K)
-                 floats = 48 KiB, under the 99 KiB (Ampere) / 227 KiB (Hopper)
-                 per block.
+Register and shared-memory budget per program (float32 values; T the token
+tile, P the head_dim tile, N d_state; Nano 3, Nano v2 and Nemotron-H 8B all
+have N = 128 and chunk 128; defaults T = 64 forward, 32 backward, P = 32 at
+head_dim 64, 16 at head_dim 80). A program of 4 warps has 128 threads of at
+most 255 registers, ~127 KiB; the tiles below stay under half of that, and
+the dot operands stage through shared memory, well under the 163 KiB (A100) /
+227 KiB (H100, H200) a block may use:
+  _scan_kernel   in the loop: acc [T P], the C.B^T and decay tiles [T T], the
+                 x tile [T P]: 2K + 4K + 4K + 2K floats = 48 KiB (~96 registers
+                 a thread); its dot operands, [T T] + [T P], x 2 stages = 48 KiB
+                 of shared memory. Before the loop, C_i start^T reads [T N] + [P N]
+                 = 48 KiB once.
   _token_kernel  (T = 32) acc [T P], the transposed score [T T], the dy tile
                  [T P], then B_t dcs^T and C_t start^T from [T N] + [P N]:
                  at most 1K + 1K + 1K + 4K + 4K floats = 44 KiB.
-  _pair_kernel   (T = 32) dCB accumulator, dy.x^T, decay and C.B^T, each [T T],
-                 and two [T P] operand tiles: 6K floats = 24 KiB.
-  _state_kernel  acc [P N] = 4K floats and a [T N] operand: 24-48 KiB.
-  _group_kernel  acc [T N] and an operand [P N]: 8K floats = 32 KiB.
-No program holds a [Q Q] tile or a [Q N] tile, so chunk 256 fits as well as
-128; the former design held ~10 [Q Q] / [Q N] float32 tiles per backward program
-(~640 KiB at Q = N = 128), far past a 256 KiB register file.
+  _pair_kernel   (T = 32) the dCB accumulator, dy.x^T, decay and C.B^T, each
+                 [T T], and two [T P] operand tiles: 6K floats = 24 KiB.
+  _state_kernel  (T = 64) acc [P N] and operands [T P] + [T N]: 4K + 2K + 8K
+                 floats = 56 KiB.
+  _group_kernel  (T = 32) acc [T N] and operands [T P] + [P N]: 4K + 1K + 4K
+                 floats = 36 KiB.
+  pass kernels   the carried state [P N] and one chunk's [P N]: 32 KiB.
+No program holds a [Q Q] or [Q N] tile, so the budget does not grow with the
+chunk: a chunk of 256 only lengthens the loops.
 
 Offsets. Pallas's Triton lowering computes element offsets in 64 bits for every
 operand over 4 GiB and in 32 bits below that (where they cannot overflow), so a
-long sequence (the [b chunks h p n] states pass 4 GiB at ~128K tokens for Nano
+long sequence (the [b chunks h p n] states pass 4 GiB at 256K tokens for Nano 3
 shapes) needs no limit; every index along one axis stays below 2^31.
 
 Saved as residuals for the backward: the kernel inputs (x, dt, B, C as given,
