@@ -25,7 +25,7 @@ CASES = [
     ("mamba.kernel.num_warps", 3, "model.mamba.kernel.num_warps", "1, 2, 4, 8"),
     ("mamba.kernel.num_stages", 0, "model.mamba.kernel.num_stages", "positive integer"),
     ("mamba.kernel.precision", "fp16", "model.mamba.kernel.precision", "tf32"),
-    ("mamba.kernel.interpret", "yes", "model.mamba.kernel.interpret", "True or False"),
+    ("mamba.kernel.interpret", None, "model.mamba.kernel.interpret", "True or False"),
     ("moe.top_k", 9, "model.moe.top_k", "num_experts"),
     ("moe.n_group", 3, "model.moe.n_group", "divisible"),
     ("moe.topk_group", 3, "model.moe.topk_group", "n_group"),
