@@ -1,7 +1,6 @@
 """The model with the Pallas SSD equals the XLA path, and its train step lowers for CUDA."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ from nemotron_jax import build_model, init_variables
 from nemotron_jax.kernels.ssd import UnsupportedPlatformError
 from nemotron_jax.train_lib import Trainer
 from conftest import tiny_config
+from test_ssd_pallas import CUDA_EXPORT, KERNELS, triton_kernel_names
 
 
 def test_pallas_logits_match_xla():
@@ -43,15 +43,11 @@ def test_train_step_with_pallas_lowers_for_cuda():
   batch = {"inputs": spec, "targets": spec, "segment_ids": spec,
            "loss_mask": jax.ShapeDtypeStruct((2, 16), jnp.float32)}
   exported = jax.export.export(
-      jax.jit(functools.partial(trainer._train_step, model=trainer.model)), platforms=("cuda",),
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(state, batch)
-  text = exported.mlir_module()
+      jax.jit(functools.partial(trainer._train_step, model=trainer.model)), **CUDA_EXPORT)(state, batch)
   # Forward and backward kernels of both Mamba layers reach the CUDA module as Triton calls.
-  kernels = re.findall(r'name = "(ssd_\w+)"', text)
-  assert set(kernels) == {"ssd_chunk_state", "ssd_state_pass", "ssd_chunk_scan", "ssd_state_pass_bwd",
-                          "ssd_chunk_pair_bwd", "ssd_chunk_token_bwd", "ssd_group_bwd"}
-  assert len(kernels) >= 2 * 7
+  kernels = triton_kernel_names(exported.mlir_module())
+  assert set(kernels) == KERNELS
+  assert len(kernels) >= 2 * len(KERNELS)
   assert exported.platforms == ("cuda",)
 
 
