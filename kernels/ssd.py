@@ -18,8 +18,9 @@ Split of the work. XLA computes everything of size [b l h] or smaller (acum,
 enter, wend, surv, the D x term) and C.B^T per chunk and group (a batched
 matmul, [b chunks g Q Q]); autodiff carries their gradients. The kernels do
 everything of size [Q Q] per head or [head_dim d_state] per chunk:
-  _state_kernel     [b, chunk, head, p-tile]   cs_c (and in the backward u_c =
-                    sum_i enter_i dy_i^T C_i, the outputs' gradient to start_c)
+  _state_kernel     [b, chunk, head, p-tile]   cs_c (and in the backward, in the
+                    same launch, u_c = sum_i enter_i dy_i^T C_i, the outputs'
+                    gradient to start_c)
   _pass_kernel      [b, head, p-tile]          start_c and the final state,
                     sequential over chunks
   _scan_kernel      [b, chunk x q-block, head, p-tile]  y of one query block:
@@ -33,7 +34,7 @@ everything of size [Q Q] per head or [head_dim d_state] per chunk:
                     terms of ddt, dwend and denter, for one key block: a loop
                     over the query blocks >= it
   _group_kernel     [b, chunk x block, group]  dB through cs and dC through the
-                    entering state, summed over the group's heads in the kernel
+                    entering state (one launch), summed over the group's heads
 Triton has no cumsum and no in-kernel slicing of values: every access is a
 whole block or a `pl.ds` window of a ref, and every loaded tile is a power of
 two on each axis.
@@ -63,10 +64,11 @@ the dot operands stage through shared memory, well under the 163 KiB (A100) /
                  at most 1K + 1K + 1K + 4K + 4K floats = 44 KiB.
   _pair_kernel   (T = 32) the dCB accumulator, dy.x^T, decay and C.B^T, each
                  [T T], and two [T P] operand tiles: 6K floats = 24 KiB.
-  _state_kernel  (T = 64) acc [P N] and operands [T P] + [T N]: 4K + 2K + 8K
-                 floats = 56 KiB.
-  _group_kernel  (T = 32) acc [T N] and operands [T P] + [P N]: 4K + 1K + 4K
-                 floats = 36 KiB.
+  _state_kernel  forward (T = 64): acc [P N] and operands [T P] + [T N], 4K + 2K
+                 + 8K floats = 56 KiB; backward (T = 32, cs and u together): two
+                 accumulators and one dot's operands, 8K + 1K + 4K = 52 KiB.
+  _group_kernel  (T = 32, dB and dC together) two accumulators [T N] and one
+                 dot's operands [T P] + [P N]: 8K + 1K + 4K floats = 52 KiB.
   pass kernels   the carried state [P N] and one chunk's [P N]: 32 KiB.
 No program holds a [Q Q] or [Q N] tile, so the budget does not grow with the
 chunk: a chunk of 256 only lengthens the loops.
@@ -189,14 +191,21 @@ def _decay(acum_i, acum_j, rel_i, rel_j, i0, j0):
 # ---------------------------------------------------------------------------------------------
 # Kernels
 
-def _state_kernel(v_ref, w_ref, m_ref, out_ref, *, cfg, tile):
-  """One (batch, chunk, head, p-tile): out [P N] = sum_t (w_t v_t)^T m_t over the chunk's tokens."""
-  def body(t, acc):
-    window = pl.ds(t * tile, tile)
-    v = v_ref[window, :].astype(f32) * w_ref[window][:, None]
-    return acc + _dot(cfg, v, m_ref[window, :], ta=True)
+def _state_kernel(*refs, cfg, tile):
+  """One (batch, chunk, head, p-tile): for each (v, w, m) input triple, out [P N] = sum_t (w_t v_t)^T m_t
+  over the chunk's tokens."""
+  n_out = len(refs) // 4
+  ins, outs = refs[:3 * n_out], refs[3 * n_out:]
 
-  out_ref[...] = lax.fori_loop(0, cfg.chunk // tile, body, jnp.zeros(out_ref.shape, f32))
+  def body(t, accs):
+    window = pl.ds(t * tile, tile)
+    return tuple(
+        acc + _dot(cfg, v_ref[window, :].astype(f32) * w_ref[window][:, None], m_ref[window, :], ta=True)
+        for acc, (v_ref, w_ref, m_ref) in zip(accs, zip(ins[0::3], ins[1::3], ins[2::3])))
+
+  accs = lax.fori_loop(0, cfg.chunk // tile, body, tuple(jnp.zeros(o.shape, f32) for o in outs))
+  for out_ref, acc in zip(outs, accs):
+    out_ref[...] = acc
 
 
 def _pass_kernel(cs_ref, surv_ref, init_ref, starts_ref, final_ref):
@@ -304,41 +313,49 @@ def _token_kernel(x_ref, dt_ref, wend_ref, acum_ref, rel_ref, cb_ref, dy_ref, b_
   denter_ref[...] = jnp.sum(dy_ref[w_t, :] * ce, axis=1)
 
 
-def _group_kernel(v_ref, w_ref, m_ref, out_ref, *, cfg):
-  """One (batch, chunk x token block, group): out [T N] = sum_heads sum_p w v m, the group's heads summed."""
-  bp = cfg.block_p
-  heads, p_tiles = v_ref.shape[1], v_ref.shape[2] // bp
+def _group_kernel(*refs, cfg):
+  """One (batch, chunk x token block, group): for each (v, w, m) input triple, out [T N] =
+  sum over the group's heads and head_dim of (w v) m."""
+  bp, n_out = cfg.block_p, len(refs) // 4
+  ins, outs = refs[:3 * n_out], refs[3 * n_out:]
+  heads, p_tiles = ins[0].shape[1], ins[0].shape[2] // bp
 
-  def head(k, acc):
-    w = w_ref[:, k]
-
-    def p_tile(t, acc):
+  def head(k, accs):
+    def p_tile(t, accs):
       w_p = pl.ds(t * bp, bp)
-      return acc + _dot(cfg, v_ref[:, k, w_p].astype(f32) * w[:, None], m_ref[k, w_p, :])
+      return tuple(
+          acc + _dot(cfg, v_ref[:, k, w_p].astype(f32) * w_ref[:, k][:, None], m_ref[k, w_p, :])
+          for acc, (v_ref, w_ref, m_ref) in zip(accs, zip(ins[0::3], ins[1::3], ins[2::3])))
 
-    return lax.fori_loop(0, p_tiles, p_tile, acc)
+    return lax.fori_loop(0, p_tiles, p_tile, accs)
 
-  out = lax.fori_loop(0, heads, head, jnp.zeros(out_ref.shape, f32))
-  out_ref[...] = out.astype(out_ref.dtype)
+  accs = lax.fori_loop(0, heads, head, tuple(jnp.zeros(o.shape, f32) for o in outs))
+  for out_ref, acc in zip(outs, accs):
+    out_ref[...] = acc
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers. Shapes: x, dy [b L h P], dt, acum, enter, wend [b L h], B, C [b L g N],
 # CB [b chunks g Q Q], states [b chunks h P N], surv [b chunks h], rel [b L].
 
-def _chunk_states(cfg, v, w, m):
-  """[b chunks h P N] sum over each chunk of (w v)^T m: cs from (x, wend, B), u from (dy, enter, C)."""
-  b, L, h, p = v.shape
-  g, n = m.shape[2:]
+def _chunk_states(cfg, *triples):
+  """[b chunks h P N] sum over each chunk of (w v)^T m for each (v, w, m) triple, in one launch:
+  cs from (x, wend, B), u from (dy, enter, C)."""
+  b, L, h, p = triples[0][0].shape
+  g, n = triples[0][2].shape[2:]
   q, bp, r = cfg.chunk, cfg.block_p, h // g
+  specs = [pl.BlockSpec((None, q, None, bp), lambda i, c, j, t: (i, c, j, t)),
+           pl.BlockSpec((None, q, None), lambda i, c, j, t: (i, c, j)),
+           pl.BlockSpec((None, q, None, n), lambda i, c, j, t: (i, c, j // r, 0))]
+  out = pl.BlockSpec((None, None, None, bp, n), lambda i, c, j, t: (i, c, j, t, 0))
+  # The backward's launch carries two accumulators: it takes the backward's smaller tile.
+  tile = cfg.block_t if len(triples) == 1 else cfg.block_t_bwd
   return _launch(
-      cfg, functools.partial(_state_kernel, cfg=cfg, tile=cfg.block_t),
-      name="ssd_chunk_state", grid=(b, L // q, h, p // bp),
-      in_specs=[pl.BlockSpec((None, q, None, bp), lambda i, c, j, t: (i, c, j, t)),
-                pl.BlockSpec((None, q, None), lambda i, c, j, t: (i, c, j)),
-                pl.BlockSpec((None, q, None, n), lambda i, c, j, t: (i, c, j // r, 0))],
-      out_specs=pl.BlockSpec((None, None, None, bp, n), lambda i, c, j, t: (i, c, j, t, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, L // q, h, p, n), f32))(v, w, m)
+      cfg, functools.partial(_state_kernel, cfg=cfg, tile=tile),
+      name="ssd_chunk_state", grid=(b, L // q, h, p // bp), in_specs=specs * len(triples),
+      out_specs=[out] * len(triples),
+      out_shape=[jax.ShapeDtypeStruct((b, L // q, h, p, n), f32)] * len(triples),
+  )(*[t for triple in triples for t in triple])
 
 
 def _state_specs(cfg, states):
@@ -444,19 +461,22 @@ def _token_grads(cfg, x, dt, wend, acum, rel, cb, dy, B, C, dcs, starts):
   return dx, ddt.sum(-1), dwend.sum(-1), denter.sum(-1)
 
 
-def _group_sum(cfg, v, w, m, groups):
-  """[b L g N] sum over each group's heads of (w_t v_t) m_c: dB from (x, wend, dcs), dC from (dy, enter, start)."""
-  b, L, h, p = v.shape
-  n = m.shape[-1]
+def _group_sums(cfg, groups, *triples):
+  """[b L g N] sum over each group's heads of (w_t v_t) m_c for each (v, w, m) triple, in one
+  launch: dB from (x, wend, dcs), dC from (dy, enter, start)."""
+  b, L, h, p = triples[0][0].shape
+  n = triples[0][2].shape[-1]
   q, tile, r = cfg.chunk, cfg.block_t_bwd, h // groups
   nq = q // tile
+  specs = [pl.BlockSpec((None, tile, r, p), lambda i, s, k: (i, s, k, 0)),
+           pl.BlockSpec((None, tile, r), lambda i, s, k: (i, s, k)),
+           pl.BlockSpec((None, None, r, p, n), lambda i, s, k: (i, s // nq, k, 0, 0))]
   return _launch(
       cfg, functools.partial(_group_kernel, cfg=cfg), name="ssd_group_bwd", grid=(b, L // tile, groups),
-      in_specs=[pl.BlockSpec((None, tile, r, p), lambda i, s, k: (i, s, k, 0)),
-                pl.BlockSpec((None, tile, r), lambda i, s, k: (i, s, k)),
-                pl.BlockSpec((None, None, r, p, n), lambda i, s, k: (i, s // nq, k, 0, 0))],
-      out_specs=pl.BlockSpec((None, tile, None, n), lambda i, s, k: (i, s, k, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, L, groups, n), f32))(v, w, m)
+      in_specs=specs * len(triples),
+      out_specs=[pl.BlockSpec((None, tile, None, n), lambda i, s, k: (i, s, k, 0))] * len(triples),
+      out_shape=[jax.ShapeDtypeStruct((b, L, groups, n), f32)] * len(triples),
+  )(*[t for triple in triples for t in triple])
 
 
 def _xla_dot_args(cfg, *operands):
@@ -492,7 +512,7 @@ def _ssd(cfg, x, dt, B, C, acum, enter, wend, surv, init, rel):
 
 
 def _ssd_fwd(cfg, x, dt, B, C, acum, enter, wend, surv, init, rel):
-  cs = _chunk_states(cfg, x, wend, B)
+  (cs,) = _chunk_states(cfg, (x, wend, B))
   starts, final = _pass_states(cfg, cs, surv, init)
   y = _chunk_scan(cfg, x, dt, acum, rel, _chunk_cb(cfg, B, C), C, enter, starts)
   return (y, final), (x, dt, B, C, acum, enter, wend, surv, init, rel)
@@ -503,14 +523,14 @@ def _ssd_bwd(cfg, res, cotangents):
   dy, dfinal = cotangents
   groups = B.shape[2]
   cb = _chunk_cb(cfg, B, C)
-  starts, _ = _pass_states(cfg, _chunk_states(cfg, x, wend, B), surv, init)
-  u = _chunk_states(cfg, dy, enter, C)
+  cs, u = _chunk_states(cfg, (x, wend, B), (dy, enter, C))
+  starts, _ = _pass_states(cfg, cs, surv, init)
   dcs, dsurv, dinit = _pass_states_bwd(cfg, u, surv, starts, dfinal)
   dcb, dacum = _pair_grads(cfg, x, dt, acum, rel, dy, cb)
   dx, ddt, dwend, denter = _token_grads(cfg, x, dt, wend, acum, rel, cb, dy, B, C, dcs, starts)
   dB_cb, dC_cb = _chunk_cb_grads(cfg, dcb, B, C)
-  dB = _group_sum(cfg, x, wend, dcs, groups) + dB_cb
-  dC = _group_sum(cfg, dy, enter, starts, groups) + dC_cb
+  dB, dC = _group_sums(cfg, groups, (x, wend, dcs), (dy, enter, starts))
+  dB, dC = dB + dB_cb, dC + dC_cb
   return (dx, ddt.astype(dt.dtype), dB.astype(B.dtype), dC.astype(C.dtype), dacum, denter, dwend,
           dsurv, dinit, None)
 
