@@ -12,7 +12,8 @@ Sections, in this order, each printing one line per measurement:
   3. A `configs/small.py` train step (bf16 compute) with each `mamba.ssd_impl`: time,
      tokens/s, model TFLOP/s against the peak.
   4. pytest of the test files that need no torch, under this machine's JAX on its CPU
-     (JAX_PLATFORMS=cpu: the tests simulate 8 CPU devices), within what is left of --budget.
+     (JAX_PLATFORMS=cpu: the tests simulate 8 CPU devices), one process per file, several at
+     once, within what is left of --budget (files not finished by then are listed).
 Exit status 1 if a value check fails or pytest does.
 
 --dry-run runs the same code on any machine at tiny shapes, trimmed to what the tests can
@@ -30,8 +31,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -124,8 +127,13 @@ def check_ssd(args, peak) -> int:
         ref_fn = fwd_bwd(ssd_chunked, q)
         want = ref_fn(*inputs)
         ref_time = best_time(ref_fn, inputs, args.repeats)
-      label = f"{shape} (h={h} p={p} g={g} n={n} chunk={q}) {jnp.dtype(dtype).name:8s} b={args.batch} l={args.length}"
-      rate = lambda t: f"{flops / t / 1e12:7.2f} TFLOP/s" + (f" ({100 * flops / t / peak:5.1f}% of bf16 peak)" if peak else "")
+      label = (f"{shape} (h={h} p={p} g={g} n={n} chunk={q}) {jnp.dtype(dtype).name:8s} "
+               f"b={args.batch} l={args.length}")
+
+      def rate(t):
+        share = f" ({100 * flops / t / peak:5.1f}% of bf16 peak)" if peak else ""
+        return f"{flops / t / 1e12:7.2f} TFLOP/s{share}"
+
       print(f"{label}  xla      {ref_time * 1e3:9.2f} ms {rate(ref_time)}")
       precisions = ("float32", "bf16") if dtype == jnp.bfloat16 else ("float32",)
       for precision in precisions:
@@ -204,21 +212,48 @@ def torch_free_tests() -> list[str]:
 
 
 def run_tests(args, deadline) -> int:
-  """Section 4. Returns pytest's exit status (or 124 when it ran out of time)."""
+  """Section 4: one pytest process per file, several at once. Returns 0 when every file passed."""
   files = torch_free_tests()
   left = max(30, int(deadline - time.monotonic()))
-  print(f"== pytest under jax {jax.__version__} (JAX_PLATFORMS=cpu), {len(files)} files, {left} s left: "
-        + " ".join(os.path.basename(f) for f in files), flush=True)
+  workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+  print(f"== pytest under jax {jax.__version__} (JAX_PLATFORMS=cpu), {len(files)} files, {workers} at a time, "
+        f"{left} s left: " + " ".join(os.path.basename(f) for f in files), flush=True)
   if args.dry_run:
     print("(dry run: not started)")
     return 0
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  try:
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *files],
-                          cwd=ROOT, env=env, timeout=left).returncode
-  except subprocess.TimeoutExpired:
-    print(f"pytest stopped after {left} s: the budget was spent (raise --budget)")
-    return 124
+  pending, running, failed = list(files), {}, []
+  end = time.monotonic() + left
+  while (pending or running) and time.monotonic() < end:
+    while pending and len(running) < workers:
+      f = pending.pop(0)
+      # A file, not a pipe, takes the output: a full pipe would stall a verbose failure.
+      log = tempfile.TemporaryFile("w+")
+      proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f],
+                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+      running[f] = (proc, log, time.monotonic())
+    for f, (proc, log, started) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      log.seek(0)
+      out = log.read()
+      log.close()
+      del running[f]
+      summary = out.strip().splitlines()[-1] if out.strip() else ""
+      print(f"{os.path.basename(f):24s} exit {proc.returncode}  {time.monotonic() - started:6.1f} s  {summary}",
+            flush=True)
+      if proc.returncode:
+        failed.append(f)
+        print("\n".join(out.splitlines()[-40:]))
+    time.sleep(0.5)
+  for f, (proc, log, _) in running.items():
+    os.killpg(proc.pid, signal.SIGKILL)  # the file's pytest and any processes its tests started
+    log.close()
+  unfinished = list(running) + pending
+  if unfinished:
+    print(f"budget spent; not finished: {' '.join(os.path.basename(f) for f in unfinished)} (raise --budget)")
+  return int(bool(failed or unfinished))
 
 
 def main(argv=None) -> int:
@@ -254,7 +289,7 @@ def main(argv=None) -> int:
   time_train_steps(args, peak)
   print(f"(train-step section {time.monotonic() - start:.0f} s)", flush=True)
   status = run_tests(args, deadline)
-  print(f"== gpu_check: {failures} SSD value check(s) failed; pytest exit status {status}")
+  print(f"== gpu_check: {failures} SSD value check(s) failed; pytest {'failed' if status else 'passed'}")
   return int(failures > 0 or status != 0)
 
 

@@ -1,4 +1,5 @@
-"""Pallas SSD kernels (interpreted on CPU) against the jnp chunked and sequential scans, plus a CUDA lowering check."""
+"""Pallas SSD kernels (interpreted on CPU) against the jnp chunked and sequential scans; CUDA lowering
+at the published Mamba shapes, 64-bit offsets at long lengths, the named error off CUDA."""
 
 import functools
 import re
@@ -219,7 +220,8 @@ def test_dot_precision_bf16_rounds_operands():
 def test_non_cuda_platform_raises_named_error():
   (x, dt, A, B, C, D), _, _ = ssd_inputs(1, 20, 4, 16, 2, 16, jnp.float32)
   f = jax.jit(lambda *a: ssd_pallas(*a, chunk_size=16)[0])
-  with pytest.raises(UnsupportedPlatformError, match=r"only for CUDA, not for platform\(s\) \['tpu'\].*interpret=True"):
+  message = r"only for CUDA, not for platform\(s\) \['tpu'\].*interpret=True"
+  with pytest.raises(UnsupportedPlatformError, match=message):
     jax.export.export(f, platforms=("tpu",))(x, dt, A, B, C, D)
   with pytest.raises(UnsupportedPlatformError, match=r"\['cpu'\]"):
     f(x, dt, A, B, C, D)
