@@ -92,6 +92,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.custom_batching
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -134,6 +135,24 @@ _no_kernel_p.def_impl(_no_kernel_impl)
 mlir.register_lowering(_no_kernel_p, _no_kernel_lowering)
 
 
+def _no_kernel(out_avals):
+  """A function of the kernel inputs with outputs shaped out_avals that lowers to the error.
+
+  vmap traces every platform's branch, so the stand-in batches like the kernels: each vmap
+  level prepends its axis to every output.
+  """
+  @jax.custom_batching.custom_vmap
+  def stand_in(*args):
+    return tuple(_no_kernel_p.bind(*args, out_avals=out_avals))
+
+  @stand_in.def_vmap
+  def _(axis_size, in_batched, *args):
+    batched = tuple(jax.core.ShapedArray((axis_size, *a.shape), a.dtype) for a in out_avals)
+    return _no_kernel(batched)(*args), (True,) * len(out_avals)
+
+  return stand_in
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Static (hashable) launch settings shared by all kernels of one call."""
@@ -160,7 +179,7 @@ def _launch(cfg: _Config, kernel, *, name, grid, in_specs, out_specs, out_shape)
 
   def unsupported(*args):
     shapes = out_shape if isinstance(out_shape, (list, tuple)) else [out_shape]
-    outs = _no_kernel_p.bind(*args, out_avals=tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in shapes))
+    outs = _no_kernel(tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in shapes))(*args)
     return tuple(outs) if shapes is out_shape else outs[0]
 
   # Decided when the platform is known, so a CUDA export carries the Triton kernels.

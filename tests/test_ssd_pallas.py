@@ -137,6 +137,18 @@ def test_cuda_export_contains_triton_kernels():
   assert set(triton_kernel_names(exported.mlir_module())) == KERNELS
 
 
+def test_vmapped_call_exports_for_cuda():
+  """Nested vmap of the gradient batches the CUDA kernels and the other platforms' stand-in alike."""
+  b, l, h, p, n, g = 1, 20, 4, 16, 16, 2
+  shapes = [(b, l, h, p), (b, l, h), (h,), (b, l, g, n), (b, l, g, n), (h,)]
+  args = [jax.ShapeDtypeStruct((2, 3, *s), jnp.float32) for s in shapes]
+  loss = lambda *a: jnp.sum(ssd_pallas(*a, chunk_size=16)[0] ** 2)
+  f = jax.vmap(jax.vmap(jax.value_and_grad(loss, argnums=range(6))))
+  assert set(triton_kernel_names(jax.export.export(jax.jit(f), **CUDA_EXPORT)(*args).mlir_module())) == KERNELS
+  with pytest.raises(UnsupportedPlatformError):
+    jax.export.export(jax.jit(f), platforms=("tpu",))(*args)
+
+
 def test_bad_groups_names_the_field():
   (x, dt, A, B, C, D), _ = make_inputs(1, 8, 1, jnp.float32, False)
   B3 = jnp.zeros((1, 8, 3, N))
