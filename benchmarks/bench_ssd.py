@@ -79,46 +79,63 @@ def scaling(args):
     print(f"log-log exponent, {name}: {slope:.2f} (lengths {ls[0]}..{ls[-1]})")
 
 
-def kernel_cost(b, l, h, p, n, g, q, in_bytes):
-  """FLOPs and HBM bytes of each Pallas kernel launch of one forward+backward, counted from the algorithm.
+def kernel_cost(b, l, h, p, n, g, q, in_bytes, t_fwd=64, t_bwd=32, bp=32):
+  """FLOPs and HBM bytes of each launch of one forward+backward, counted from the algorithm.
 
-  Matmul FLOPs are 2*M*N*K. Elementwise work is counted one FLOP per element
-  per operation (exp as one); it is listed separately because it runs on CUDA
-  cores whatever the dot precision. Bytes are what each program loads and
-  stores, assuming no reuse through L2 (B and C are read once per head by the
-  chunk-state kernel, once per group by the scan kernels). x, B, C, dx, dB, dC
-  take `in_bytes` per element; dt, A, D, states, y, dy and ids are 4 bytes.
+  The Pallas kernels of `nemotron_jax.kernels.ssd` at token tiles t_fwd / t_bwd and
+  head_dim tile bp (its defaults), and the XLA parts they rely on: C.B^T per chunk
+  and group (and, in the backward, dB and dC from dL/dCB). Matmul FLOPs are 2*M*N*K;
+  elementwise work is one FLOP per element per operation (exp as one), listed apart
+  because it runs on CUDA cores whatever the dot precision; (query, key) block pairs
+  above the diagonal are skipped. Bytes are what each program loads and stores,
+  with no reuse through L2. x and B, C take `in_bytes` per element; dt, acum and
+  the other [b l h] weights, states, C.B^T, y, dy and ids are 4 bytes.
   """
-  nc, f = l // q, 4
-  s = in_bytes
-  chunk_heads, chunk_groups = b * nc * h, b * nc * g
-  weights_ew = 2 * q * q + 8 * q  # masked cumsum (select+add per element) and the O(Q) weights
-  decay_ew = 5 * q * q  # mask compare, select, subtract, exp, per element
+  nc, f, s = l // q, 4, in_bytes
+  ch, cg = b * nc * h, b * nc * g  # (chunk, head) and (chunk, group) pairs
+  nf, nb = q // t_fwd, q // t_bwd
+  pt = p // bp
+  pairs_f, pairs_b = nf * (nf + 1) // 2, nb * (nb + 1) // 2  # causal (query, key) block pairs
+  decay_ew = 6  # position and run compares, select, subtract, exp, product with C.B^T
   kernels = []
 
   def add(name, mm, ew, nbytes):
     kernels.append((name, mm, ew, nbytes))
 
+  cb = (cg * 2 * q * q * n, 0, 2 * b * l * g * n * s + cg * q * q * f)
+  chunk_state = (ch * 2 * q * p * n, ch * q * p,
+                 ch * (q * p * s + pt * (q * f + q * n * s) + p * n * f))
+  state_pass = (0, b * h * nc * 2 * p * n, b * h * (nc * (2 * p * n * f + pt * f) + 2 * p * n * f))
   # Forward.
-  add("fwd chunk_state", chunk_heads * 2 * q * p * n, chunk_heads * (weights_ew + 2 * q * p),
-      chunk_heads * (q * p * s + q * f + q * n * s + q * 4 + p * n * f))
-  state_pass = (0, b * h * nc * (2 * p * n + 2 * q),
-                b * h * (nc * (2 * p * n * f + q * f + q * 4) + 2 * p * n * f))
+  add("fwd C.B^T (XLA)", *cb)
+  add("fwd chunk_state", *chunk_state)
   add("fwd state_pass", *state_pass)
   add("fwd chunk_scan",
-      chunk_groups * 2 * q * q * n + chunk_heads * (2 * q * q * p + 2 * q * n * p),
-      chunk_heads * (weights_ew + decay_ew + q * q + 5 * q * p),
-      chunk_groups * (2 * q * n * s + q * 4) + chunk_heads * (q * p * s + q * f + p * n * f + q * p * f))
-  # Backward: the chunk states and entering states are recomputed, never stored.
-  add("bwd chunk_state (+u)", chunk_heads * 4 * q * p * n, chunk_heads * (weights_ew + 4 * q * p),
-      chunk_heads * (q * p * (s + f) + q * f + 2 * q * n * s + q * 4 + 2 * p * n * f))
+      ch * (2 * q * n * p + pairs_f * 2 * t_fwd * t_fwd * p),
+      ch * pt * pairs_f * (decay_ew * t_fwd * t_fwd + t_fwd * bp),
+      ch * pt * (nf * (t_fwd * n * s + bp * n * f + 2 * t_fwd * f + t_fwd * bp * f)
+                 + pairs_f * (t_fwd * t_fwd * f + t_fwd * bp * s + 3 * t_fwd * f)))
+  # Backward: C.B^T, the chunk states and the entering states are recomputed, never stored.
+  add("bwd C.B^T (XLA, recompute)", *cb)
+  add("bwd chunk_state (recompute)", *chunk_state)
   add("bwd state_pass (recompute)", *state_pass)
-  add("bwd state_pass_bwd", *state_pass)
-  add("bwd chunk_scan_bwd",
-      chunk_groups * 2 * q * q * n + chunk_heads * (8 * q * p * n + 4 * q * q * p + 4 * q * q * n),
-      chunk_heads * (weights_ew + decay_ew + 8 * q * q + 14 * q * p + 2 * q * n),
-      chunk_groups * (4 * q * n * s + q * 4)
-      + chunk_heads * (q * p * (2 * s + f) + q * f * 4 + 2 * p * n * f))
+  add("bwd chunk_state (u)", ch * 2 * q * p * n, ch * q * p,
+      ch * (q * p * f + pt * (q * f + q * n * s) + p * n * f))
+  add("bwd state_pass_bwd", 0, b * h * nc * 5 * p * n,
+      b * h * (nc * (3 * p * n * f + 2 * pt * f) + 2 * p * n * f))
+  add("bwd chunk_pair", ch * pairs_b * 2 * t_bwd * t_bwd * p,
+      ch * pairs_b * ((decay_ew + 4) * t_bwd * t_bwd + t_bwd * p),
+      cg * pairs_b * 2 * t_bwd * t_bwd * f
+      + ch * pairs_b * (t_bwd * p * (f + s) + 2 * t_bwd * f + 4 * t_bwd * f))
+  add("bwd chunk_token", ch * (pairs_b * 2 * t_bwd * t_bwd * p + 4 * q * n * p),
+      ch * pt * (pairs_b * (decay_ew * t_bwd * t_bwd) + nb * 8 * t_bwd * bp),
+      ch * pt * (pairs_b * (t_bwd * t_bwd * f + t_bwd * bp * f + 2 * t_bwd * f)
+                 + nb * (2 * t_bwd * n * s + 2 * bp * n * f + t_bwd * bp * (2 * s + f) + 6 * t_bwd * f)))
+  group = (ch * 2 * q * p * n, ch * q * p, b * l * (h * p * (s + f) + h * f + g * n * f) + ch * p * n * f)
+  add("bwd group dB", *group)
+  add("bwd group dC", *group)
+  add("bwd dB, dC from dCB (XLA)", 2 * cg * 2 * q * q * n, 0,
+      cg * q * q * f + 2 * b * l * g * n * (s + f))
   return kernels
 
 
@@ -152,8 +169,8 @@ def roofline(args):
     t_compute = mm / peak + ew / H100_FLOPS["fp32 cuda-core"]
     print(f"  dots on {unit:<15} ridge {ridge:6.1f} FLOP/B -> {bound}; "
           f"roofline time max(compute {t_compute * 1e6:.1f} us, memory {nbytes / H100_HBM * 1e6:.1f} us)")
-  print("The in-kernel dots are fp32 by default (precision=HIGHEST, IEEE on Triton); "
-        "precision=DEFAULT lets Triton use TF32 tensor cores.")
+  print("The in-kernel dots are IEEE float32 by default (precision='float32'); "
+        "precision='tf32' or 'bf16' (model.mamba.kernel.precision) uses tensor cores.")
 
 
 def main():

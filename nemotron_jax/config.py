@@ -19,6 +19,7 @@ from ml_collections import config_dict
 MIXER_CHARS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 DTYPES = ("float32", "bfloat16", "float16")
 SSD_IMPLS = ("xla", "pallas", "sequential")
+SSD_KERNEL_PRECISIONS = ("float32", "tf32", "bf16")
 MOE_IMPLS = ("auto", "ragged", "blocked", "dense")
 POS_EMBS = ("none", "rope")
 RECIPES = ("none", "bf16", "fp8_tensorwise", "fp8_blockwise", "mxfp8", "nvfp4")
@@ -55,6 +56,18 @@ def model_config() -> ml_collections.ConfigDict:
   c.mamba.dt_limit = (0.0, float("inf"))
   c.mamba.A_init_range = (1.0, 16.0)
   c.mamba.ssd_impl = "xla"
+  # Settings of the Pallas SSD kernels (ssd_impl="pallas"; kernels/ssd.py explains the tiles).
+  c.mamba.kernel = ml_collections.ConfigDict()
+  c.mamba.kernel.block_t = 64  # token tile cap of the forward kernels: a power of two >= 16
+  c.mamba.kernel.block_t_bwd = 32  # token tile cap of the backward kernels: a power of two >= 16
+  c.mamba.kernel.block_p = 32  # head_dim tile cap: a power of two >= 16
+  c.mamba.kernel.num_warps = 4  # Triton warps per program: 1, 2, 4, 8, 16 or 32
+  c.mamba.kernel.num_stages = 2  # Triton software-pipelining stages
+  # In-kernel dots, accumulating in float32: float32 (IEEE) | tf32 (tensor cores) | bf16 (bf16 operands)
+  c.mamba.kernel.precision = "float32"
+  # True: run the Pallas interpreter (slow; for CPU tests). False: Triton on CUDA, and an
+  # error naming the platform anywhere else.
+  c.mamba.kernel.interpret = False
 
   c.attention = ml_collections.ConfigDict()
   c.attention.num_heads = 4
@@ -267,6 +280,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     if a.A_init_range[0] <= 0:
       _fail(q + "A_init_range", a.A_init_range, "expected a low bound > 0 (A = -exp(A_log))")
     _choice(a, q, "ssd_impl", SSD_IMPLS)
+    _validate_ssd_kernel(a.kernel, q + "kernel.")
 
   if "*" in pattern:
     a = m.attention
@@ -339,6 +353,20 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
 
   _validate_mtp(m)
   _validate_generation(m)
+
+
+def _validate_ssd_kernel(k: ml_collections.ConfigDict, q: str) -> None:
+  for name in ("block_t", "block_t_bwd", "block_p"):
+    v = k[name]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1):
+      _fail(q + name, v, "expected a power of two >= 16 (Triton's smallest dot tile)")
+  w = k.num_warps
+  if not isinstance(w, int) or isinstance(w, bool) or w not in (1, 2, 4, 8, 16, 32):
+    _fail(q + "num_warps", w, "expected 1, 2, 4, 8, 16 or 32")
+  _positive_int(k, q, "num_stages")
+  _choice(k, q, "precision", SSD_KERNEL_PRECISIONS)
+  if not isinstance(k.interpret, bool):
+    _fail(q + "interpret", k.interpret, "expected True or False")
 
 
 def _validate_mtp(m: ml_collections.ConfigDict) -> None:

@@ -154,7 +154,7 @@ class Mamba2(nn.Module):
     else:
       y, ssm_state = ssd_lib.ssd(*heads, impl=a.ssd_impl, chunk_size=a.chunk_size,
                                  initial_state=None if state is None else state.ssm,
-                                 segment_ids=segment_ids)
+                                 segment_ids=segment_ids, kernel=a.kernel.to_dict())
       conv_state = jnp.concatenate([cx, cB, cC], axis=-1)
     y = basic.GatedRMSNorm(d_inner // g, m.norm_eps, pdtype, name="norm")(
         y.reshape(b, l, d_inner), z.astype(jnp.float32))

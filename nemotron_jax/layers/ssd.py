@@ -146,8 +146,12 @@ def ssd_decode_step(state, x, dt, A, B, C, D):
   return y, state
 
 
-def ssd(x, dt, A, B, C, D, *, impl: str, chunk_size: int, initial_state=None, segment_ids=None):
-  """The SSD scan chosen by `mamba.ssd_impl`: "xla" (chunked jnp), "pallas" or "sequential"."""
+def ssd(x, dt, A, B, C, D, *, impl: str, chunk_size: int, initial_state=None, segment_ids=None,
+        kernel=None):
+  """The SSD scan chosen by `mamba.ssd_impl`: "xla" (chunked jnp), "pallas" or "sequential".
+
+  kernel: the `mamba.kernel` settings (keyword arguments of `ssd_pallas`), used by "pallas".
+  """
   if impl == "xla":
     return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size,
                        initial_state=initial_state, segment_ids=segment_ids)
@@ -156,5 +160,6 @@ def ssd(x, dt, A, B, C, D, *, impl: str, chunk_size: int, initial_state=None, se
   if impl == "pallas":
     from nemotron_jax.kernels import ssd as ssd_kernels
     return ssd_kernels.ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size,
-                                  initial_state=initial_state, segment_ids=segment_ids)
+                                  initial_state=initial_state, segment_ids=segment_ids,
+                                  **dict(kernel or {}))
   raise ValueError(f"mamba.ssd_impl = {impl!r} is invalid: expected one of 'xla', 'pallas', 'sequential'")
