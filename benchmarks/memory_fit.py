@@ -19,7 +19,9 @@ machine, hence the slices; the extrapolation assumes every further unit adds
 what the third did.
 
 Usage: python benchmarks/memory_fit.py [--models nano,super] [--devices 8,16,64]
-       [--budget_gb 80] [--json out.json]
+       [--budget_gb 80] [--state_only] [--json out.json]
+(--state_only: the exact state column alone, in seconds; the slices take minutes each,
+Super's tens of minutes on 2 cores.)
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def main():
   parser.add_argument("--models", default="nano,super")
   parser.add_argument("--devices", default="8,16,64")
   parser.add_argument("--budget_gb", type=float, default=80.0)
+  parser.add_argument("--state_only", action="store_true")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   counts = [int(n) for n in args.devices.split(",")]
@@ -77,6 +80,12 @@ def main():
       state = trainer_for(configure(name, n), n).abstract_state()
       state_bytes = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
                         for leaf in jax.tree.leaves(state))
+      if args.state_only:
+        rows.append({"model": name, "devices": n, "mesh": MESHES[name][n],
+                     "state_gb": state_bytes / 1e9})
+        print(f"{name:6s} {n:3d} devices {json.dumps(MESHES[name][n]):28s} "
+              f"state {state_bytes / 1e9:7.1f} GB", flush=True)
+        continue
       temps, extra = [], 0
       for repeat in (2, 3):
         analysis = trainer_for(configure(name, n, unit * repeat), n).compile_train_step(

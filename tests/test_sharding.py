@@ -191,8 +191,8 @@ def test_expert_parallel_overflow_is_counted_exactly(exchange):
     return out, dropped[None]
 
   split = P("expert")
-  out, dropped = jax.shard_map(body, mesh=mesh, in_specs=(split,) * 5,
-                               out_specs=(split, split))(x, weights, experts, up, down)
+  out, dropped = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(split,) * 5,
+                                       out_specs=(split, split)))(x, weights, experts, up, down)
   # Reference: per source shard, copies in (expert, token, slot) order fill each
   # destination's rows; those past `capacity` are dropped.
   ids = np.asarray(experts)
