@@ -161,6 +161,13 @@ def train_config() -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.steps = 200
   t.batch_size = 16  # global, in rows of data.seq_len tokens
+  # The step's batch runs as this many microbatches in one jitted step (a scan), their
+  # gradients summed: activation memory is that of batch_size / grad_accum_steps rows.
+  t.grad_accum_steps = 1
+  # The LM head and cross-entropy run over chunks of this many positions of each row,
+  # each chunk's logits recomputed in the backward, so float32 logits [rows, chunk, vocab]
+  # exist instead of [rows, seq_len, vocab]. 0, or a chunk >= seq_len: the whole row at once.
+  t.loss_chunk = 512
   t.lr = 3e-3
   t.schedule = "wsd"  # wsd | cosine | constant
   t.warmup_steps = 20
@@ -438,8 +445,8 @@ def validate_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) ->
 
 def validate_train(t: ml_collections.ConfigDict) -> None:
   q = "train."
-  _positive_int(t, q, "steps", "batch_size", "log_every", "eval_batches")
-  for name in ("warmup_steps", "eval_every", "sample_tokens"):
+  _positive_int(t, q, "steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches")
+  for name in ("warmup_steps", "eval_every", "sample_tokens", "loss_chunk"):
     if not isinstance(t[name], int) or t[name] < 0:
       _fail(q + name, t[name], "expected a non-negative integer")
   _choice(t, q, "schedule", ("wsd", "cosine", "constant"))

@@ -122,14 +122,18 @@ class NemotronH(nn.Module):
     self.mtp = [MTPBlock(m) for _ in range(blocks if m.mtp.num_depths else 0)]
 
   def __call__(self, tokens, segment_ids=None, *, mtp: bool = False):
-    """With mtp=True: (logits, [MTP logits of depth 1, 2, ...]); see `mtp_logits`."""
-    h, _ = self.forward(tokens, segment_ids)
-    logits = self.head(h)
+    """With mtp=True: (logits, [MTP logits of depth 1, 2, ...]); see `mtp_hidden`."""
     # init runs only __call__, so it visits the MTP head even when not asked for.
-    if not (mtp or (self.mtp and self.is_initializing())):
-      return logits
-    extra = self.mtp_logits(h, tokens, segment_ids)
-    return (logits, extra) if mtp else logits
+    h, extra = self.hidden_states(tokens, segment_ids,
+                                  mtp=mtp or bool(self.mtp and self.is_initializing()))
+    logits = self.head(h)
+    return (logits, [self.head(e) for e in extra]) if mtp else logits
+
+  def hidden_states(self, tokens, segment_ids=None, *, mtp: bool = False):
+    """(hidden [b l d] after norm_f, [each MTP depth's hidden after its final norm] if mtp):
+    what `head` turns into logits. The training loss applies the head itself, in chunks."""
+    h, _ = self.forward(tokens, segment_ids)
+    return h, (self.mtp_hidden(h, tokens, segment_ids) if mtp else [])
 
   def embed(self, tokens):
     return jnp.take(self.embedding, tokens, axis=0).astype(basic.dtype_of(self.cfg.compute_dtype))
@@ -153,8 +157,9 @@ class NemotronH(nn.Module):
     block = self.mtp[0 if self.cfg.mtp.share_weights else depth - 1]
     return block(h, self.embed(next_tokens), segment_ids, caches, start, index)
 
-  def mtp_logits(self, h, tokens, segment_ids=None):
-    """Training: logits [b l vocab] of each depth k, predicting token t + k + 1 at position t.
+  def mtp_hidden(self, h, tokens, segment_ids=None):
+    """Training: the hidden states [b l d] of each depth k, whose logits predict token
+    t + k + 1 at position t.
 
     Past the end of the row the next tokens are unknown (zeros); those
     positions, and those whose next tokens lie in another document, must be
@@ -164,7 +169,7 @@ class NemotronH(nn.Module):
     for k in range(1, self.cfg.mtp.num_depths + 1):
       shifted = jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
       h, _ = self.mtp_depth(k, h, shifted, segment_ids)
-      out.append(self.head(h))
+      out.append(h)
     return out
 
 

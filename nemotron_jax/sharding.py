@@ -142,13 +142,19 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
-def check_batch(batch_size: int, mesh: Mesh) -> None:
-  """Raises ConfigError unless the batch axes (data x fsdp x expert) divide `batch_size`."""
+def check_batch(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+  """Raises ConfigError unless the batch axes (data x fsdp x expert) times the microbatches
+  divide `batch_size`."""
   sizes = [mesh.shape[a] for a in BATCH_AXES]
   if batch_size % math.prod(sizes):
     raise ConfigError(f"config field 'train.batch_size' = {batch_size} is invalid: it must be "
                       f"divisible by the batch axes data x fsdp x expert = "
                       f"{' x '.join(map(str, sizes))} = {math.prod(sizes)} of the mesh")
+  if (batch_size // math.prod(sizes)) % grad_accum_steps:
+    raise ConfigError(
+        f"config field 'train.grad_accum_steps' = {grad_accum_steps} is invalid: it must divide "
+        f"each batch shard's {batch_size // math.prod(sizes)} rows (train.batch_size "
+        f"{batch_size} / batch axes {math.prod(sizes)})")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -22,10 +22,25 @@ from jax.sharding import Mesh
 import flax.traverse_util
 import ml_collections
 
+from nemotron_jax import loss as loss_lib
 from nemotron_jax import sharding
+from nemotron_jax.layers import basic
 from nemotron_jax.model import NemotronH, build_model
 from nemotron_jax.quant import policy
 from nemotron_jax.quant.formats import quant_stats
+
+
+class Terms(NamedTuple):
+  """Sums over one batch: the main head's and each MTP depth's HeadLoss, per-layer MoE loads
+  {path: [experts]} and summed balance loss, dropped and routed copies (None without MoE),
+  and the mutable collections of the forward (None once accumulated)."""
+  main: loss_lib.HeadLoss
+  depths: list
+  loads: list
+  balance: jax.Array
+  dropped: Any
+  copies: Any
+  cols: Any
 
 
 @flax.struct.dataclass
@@ -81,27 +96,12 @@ def make_optimizer(t) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def cross_entropy(logits, targets, mask):
-  """Masked mean token cross-entropy (nats) and the summed loss and token count."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  total = jnp.sum(nll * mask)
-  count = jnp.sum(mask)
-  return total / jnp.maximum(count, 1.0), total, count
-
-
 def mtp_targets(batch, depth: int):
   """Targets and mask [b l] of MTP depth k: at position t, token t + k + 1 if in t's document."""
   targets, mask, seg = batch["targets"], batch["loss_mask"], batch["segment_ids"]
   shift = lambda x: jnp.pad(x[:, depth:], ((0, 0), (0, depth)))
   same_doc = shift(seg) == seg
   return shift(targets), shift(mask) * same_doc.astype(mask.dtype)
-
-
-def accuracy(logits, targets, mask):
-  """Masked share of positions whose argmax is the target."""
-  hit = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-  return jnp.sum(hit * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def _moe_layers(stats, path=()):
@@ -125,18 +125,18 @@ def moe_stats_summary(stats) -> tuple[list, jax.Array]:
   return loads, balance
 
 
-def moe_dropped_fraction(stats) -> jax.Array:
-  """Token copies dropped for want of expert-parallel capacity over all copies routed, in
-  every MoE layer together."""
+def moe_drop_counts(stats) -> tuple[jax.Array, jax.Array]:
+  """(token copies dropped for want of expert-parallel capacity, all copies routed), summed
+  over every MoE layer."""
   layers = [layer for _, layer in _moe_layers(stats)]
   dropped = sum(sum(layer["dropped"]) for layer in layers)
-  return dropped / sum(sum(layer["copies"]) for layer in layers)
+  return dropped, sum(sum(layer["copies"]) for layer in layers)
 
 
-def update_expert_bias(moe_state, loads, rate: float):
-  """bias_i += rate * sign(mean load - load_i): under-loaded experts become likelier."""
+def update_expert_bias(moe_state, loads: dict, rate: float):
+  """loads: {path to a MoE block: its load [experts]}. bias_i += rate * sign(mean load - load_i): under-loaded experts become likelier."""
   new = jax.tree.map(lambda x: x, moe_state)
-  for path, load in loads:
+  for path, load in loads.items():
     old, dst = moe_state, new
     for name in path:
       old, dst = old[name], dst[name]
@@ -222,7 +222,7 @@ class Trainer:
   def abstract_batch(self, batch_size: int | None = None, seq_len: int | None = None) -> dict:
     """Shapes, dtypes and shardings of a global training batch (default: the config's)."""
     shape = (batch_size or self.config.train.batch_size, seq_len or self.config.data.seq_len)
-    sharding.check_batch(shape[0], self.mesh)
+    sharding.check_batch(shape[0], self.mesh, self.config.train.grad_accum_steps)
     spec = lambda dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
     return {"inputs": spec(jnp.int32), "targets": spec(jnp.int32),
             "segment_ids": spec(jnp.int32), "loss_mask": spec(jnp.float32)}
@@ -244,40 +244,92 @@ class Trainer:
       return jax.jit(self._init_fn, out_shardings=self.state_shardings)(jax.random.PRNGKey(seed))
 
   def _forward(self, params, moe_state, batch, *, mtp: bool = False, model=None, rngs=None,
-               extra=None, mutable=("moe_stats",)):
-    """Main cross-entropy terms, MoE stats, with `mtp` the per-depth MTP (ce, accuracy), and
-    the mutable collections."""
+               extra=None, mutable=("moe_stats",)) -> Terms:
+    """The sums of one (micro)batch's loss terms; see `Terms`."""
     variables = {"params": params, "moe_state": moe_state, **(extra or {})}
     mtp = mtp and self.config.model.mtp.num_depths > 0
+    model = model or self.model
+    m = self.config.model
+    head = functools.partial(loss_lib.head_loss, kernel=params["lm_head"]["kernel"],
+                             dtype=basic.dtype_of(m.compute_dtype),
+                             chunk=self.config.train.loss_chunk)
     with nn.logical_axis_rules(self.rules):
-      out, stats = (model or self.model).apply(variables, batch["inputs"], batch["segment_ids"],
-                                                mtp=mtp, mutable=list(mutable), rngs=rngs)
-    logits, mtp_logits = out if mtp else (out, [])
-    ce, total, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    loads, balance = moe_stats_summary(stats.get("moe_stats", {}))
-    depths = []
-    for k, depth_logits in enumerate(mtp_logits, start=1):
-      targets, mask = mtp_targets(batch, k)
-      depths.append((cross_entropy(depth_logits, targets, mask)[0],
-                     accuracy(depth_logits, targets, mask)))
-    return ce, total, count, loads, balance, depths, stats
+      (h, mtp_h), cols = model.apply(variables, batch["inputs"], batch["segment_ids"], mtp=mtp,
+                                     mutable=list(mutable), rngs=rngs,
+                                     method=NemotronH.hidden_states)
+      main = head(h, targets=batch["targets"], mask=batch["loss_mask"])
+      depths = [head(hk, targets=t, mask=mk)
+                for hk, (t, mk) in zip(mtp_h, (mtp_targets(batch, k)
+                                               for k in range(1, len(mtp_h) + 1)))]
+    stats = cols.get("moe_stats", {})
+    loads, balance = moe_stats_summary(stats)
+    loads = dict(loads)
+    dropped, copies = moe_drop_counts(stats) if loads else (None, None)
+    return Terms(main, depths, loads, balance, dropped, copies, cols)
+
+  def _micro_loss(self, params, moe_state, batch, norm, *, model, rngs):
+    """(this microbatch's share of the step's loss, its Terms without the collections).
+
+    norm: the step's (main token count, [each MTP depth's token count], number of
+    microbatches). Cross-entropy sums are divided by the whole step's counts, so the
+    shares add up to the loss of the whole batch; the balance loss is their mean.
+    """
+    count, depth_counts, micro = norm
+    terms = self._forward(params, moe_state, batch, mtp=True, model=model, rngs=rngs)
+    t, coef = self.config.model.mtp, self.config.model.moe.balance_loss_coef
+    loss = terms.main.nll / count + coef * terms.balance / micro
+    if terms.depths:
+      loss += t.loss_scale / t.num_depths * sum(
+          d.nll / c for d, c in zip(terms.depths, depth_counts))
+    return loss, terms._replace(cols=None)
+
+  def _grads(self, state: TrainState, batch, *, model):
+    """(loss, summed Terms, gradients) of the whole batch, in `train.grad_accum_steps`
+    microbatches: each device's rows split into that many groups, one scan step each."""
+    micro = self.config.train.grad_accum_steps
+    sharding.check_batch(batch["inputs"].shape[0], self.mesh, micro)
+    count = jnp.sum(batch["loss_mask"])
+    depth_counts = [jnp.sum(mtp_targets(batch, k)[1])
+                    for k in range(1, self.config.model.mtp.num_depths + 1)]
+    norm = (jnp.maximum(count, 1.0), [jnp.maximum(c, 1.0) for c in depth_counts], micro)
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(
+        lambda p, b, r: self._micro_loss(p, state.moe_state, b, norm, model=model,
+                                         rngs={"quant": r}), has_aux=True)
+    if micro == 1:
+      (loss, terms), grads = grad_fn(state.params, batch, rng)
+      return loss, terms, grads
+    # Row i of microbatch j is global row i * micro + j: each device keeps its own rows.
+    spec = jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)
+    split = lambda x: jax.lax.with_sharding_constraint(
+        jnp.swapaxes(x.reshape(-1, micro, *x.shape[1:]), 0, 1),
+        jax.sharding.NamedSharding(self.mesh, spec))
+    micro_batches = jax.tree.map(split, batch)
+
+    def step(carry, xs):
+      j, mb = xs
+      (loss, terms), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, j))
+      return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grad_fn, state.params, first, rng))
+    (loss, terms), grads = zeros
+    (loss, terms, grads), _ = jax.lax.scan(step, (loss, terms, grads),
+                                           (jnp.arange(micro), micro_batches))
+    return loss, terms, grads
 
   def _train_step(self, state: TrainState, batch, *, model):
-    coef = self.config.model.moe.balance_loss_coef
+    loss, terms, grads = self._grads(state, batch, model=model)
+    micro = self.config.train.grad_accum_steps
+    count = terms.main.count
+    ce = terms.main.nll / jnp.maximum(count, 1.0)
+    balance = terms.balance / micro
+    depths = [(d.nll / jnp.maximum(d.count, 1.0), d.hits / jnp.maximum(d.count, 1.0))
+              for d in terms.depths]
     t = self.config.model.mtp
-    rngs = {"quant": jax.random.fold_in(state.rng, state.step)}
-
-    def loss_fn(params):
-      ce, _, count, loads, balance, depths, stats = self._forward(
-          params, state.moe_state, batch, mtp=True, model=model, rngs=rngs)
-      mtp_loss = (t.loss_scale / t.num_depths * sum(d[0] for d in depths) if depths
-                  else jnp.zeros((), jnp.float32))
-      stats = stats.get("moe_stats", {})
-      dropped = moe_dropped_fraction(stats) if loads else None
-      return ce + mtp_loss + coef * balance, (ce, count, loads, balance, mtp_loss, depths, dropped)
-
-    (loss, (ce, count, loads, balance, mtp_loss, depths, dropped)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    mtp_loss = t.loss_scale / t.num_depths * sum(d[0] for d in depths) if depths else None
+    loads = terms.loads
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     moe_state = update_expert_bias(state.moe_state, loads,
@@ -294,11 +346,11 @@ class Trainer:
       for k, (depth_ce, depth_acc) in enumerate(depths, start=1):
         metrics[f"mtp_ce_{k}"], metrics[f"mtp_acc_{k}"] = depth_ce, depth_acc
     if loads:
-      share = jnp.stack([load / jnp.sum(load) for _, load in loads])  # [layers, experts]
+      share = jnp.stack([load / jnp.sum(load) for load in loads.values()])  # [layers, experts]
       ideal = 1.0 / share.shape[-1]
       metrics["expert_load_max"] = jnp.max(share) / ideal
       metrics["expert_load_min"] = jnp.min(share) / ideal
-      metrics["moe_dropped_fraction"] = dropped
+      metrics["moe_dropped_fraction"] = terms.dropped / terms.copies
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               moe_state=moe_state, rng=jax.random.fold_in(state.rng, state.step))
     # A non-finite step never becomes the state: the whole state, step count included, stays.
@@ -306,22 +358,24 @@ class Trainer:
     return new_state, metrics
 
   def _eval_step(self, params, moe_state, batch):
-    _, total, count, *_ = self._forward(params, moe_state, batch)
-    return {"nll_sum": total, "tokens": count}
+    main = self._forward(params, moe_state, batch).main
+    return {"nll_sum": main.nll, "tokens": main.count}
 
   def _quant_stats(self, params, moe_state, batch):
     """Forward operands from the sown statistics; gradients (dy of every quantised linear
     layer) through zero perturbations of the layer outputs."""
-    *_, cols = self._forward(params, moe_state, batch,
-                             mutable=("moe_stats", "quant_stats", "perturbations"))
+    cols = self._forward(params, moe_state, batch,
+                         mutable=("moe_stats", "quant_stats", "perturbations")).cols
     out = {}
     for path, values in flax.traverse_util.flatten_dict(cols.get("quant_stats", {})).items():
       out["quant/" + "/".join(path)] = jnp.mean(jnp.stack(values))
     perturbations = cols.get("perturbations")
     if not perturbations:
       return out
-    grads = jax.grad(lambda pert: self._forward(params, moe_state, batch,
-                                                extra={"perturbations": pert})[0])(perturbations)
+    def mean_nll(pert):
+      main = self._forward(params, moe_state, batch, extra={"perturbations": pert}).main
+      return main.nll / jnp.maximum(main.count, 1.0)
+    grads = jax.grad(mean_nll)(perturbations)
     for path, dy in flax.traverse_util.flatten_dict(grads).items():
       fmt = policy.grad_format(self.config.model, path[:-1])
       if fmt is not None:

@@ -209,7 +209,7 @@ def run(config, workdir: str, overrides: dict | None = None) -> dict:
   t = config.train
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(t.batch_size, mesh)
+  sharding.check_batch(t.batch_size, mesh, t.grad_accum_steps)
   sharding.process_rows(mesh, t.batch_size)
   model = build_model(config)
   trainer = Trainer(config, model, mesh)

@@ -95,8 +95,8 @@ def test_mtp_gradients_reach_the_shared_weights(trainer):
   batch = {k: jnp.asarray(v) for k, v in packed_batch().items()}
 
   def mtp_loss(params, depth):
-    depths = tr._forward(params, state.moe_state, batch, mtp=True)[5]
-    return depths[depth - 1][0]
+    d = tr._forward(params, state.moe_state, batch, mtp=True).depths[depth - 1]
+    return d.nll / d.count
 
   grads = jax.jit(lambda p: [jax.grad(mtp_loss)(p, k) for k in (1, 2)])(state.params)
   norms = lambda tree: {jax.tree_util.keystr(p): float(jnp.abs(x).max())

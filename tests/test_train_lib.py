@@ -50,8 +50,8 @@ def test_cosine_and_constant_schedules_hand_values():
 def test_expert_bias_update_rule():
   bias = lambda values: {"mixer": {"e_score_correction_bias": np.array(values, np.float32)}}
   state = {"layers_1": bias([0.0, 0.5, 0.0, 0.0]), "mtp_0": {"layers_0": bias([1.0, 1.0, 1.0, 1.0])}}
-  loads = [(("layers_1",), np.array([1.0, 2.0, 3.0, 6.0])),  # mean 3
-           (("mtp_0", "layers_0"), np.array([4.0, 4.0, 4.0, 4.0]))]
+  loads = {("layers_1",): np.array([1.0, 2.0, 3.0, 6.0]),  # mean 3
+           ("mtp_0", "layers_0"): np.array([4.0, 4.0, 4.0, 4.0])}
   new = update_expert_bias(state, loads, 0.01)
   # Under-loaded experts go up by the rate, over-loaded ones down, those at the mean stay.
   np.testing.assert_allclose(new["layers_1"]["mixer"]["e_score_correction_bias"],
