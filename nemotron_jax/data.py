@@ -270,9 +270,6 @@ class _SlotPackIterator(grain.DatasetIterator):
       cached = self._current[j] = (k, self._ds._docs[g])
     return cached[1]
 
-  def _exhausted(self, j: int) -> bool:
-    return j + self._slots[j][0] * self._ds._batch >= len(self._ds._docs)
-
   def _row(self, j: int) -> tuple[np.ndarray, np.ndarray]:
     """Slot j's next row of tokens and segment ids."""
     n = self._ds._row_len
@@ -305,9 +302,11 @@ class _SlotPackIterator(grain.DatasetIterator):
     return row, segments
 
   def __next__(self) -> dict:
-    if self._ds._alone and all(self._exhausted(j) for j in self._slots):
+    rows = [self._row(j) for j in sorted(self._slots)]
+    # A slot that has not run out fills at least 2 tokens of its row.
+    if self._ds._alone and not any(segments.any() for _, segments in rows):
       raise StopIteration
-    rows = [_row_example(*self._row(j)) for j in sorted(self._slots)]
+    rows = [_row_example(*r) for r in rows]
     return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
   def get_state(self) -> dict:

@@ -464,6 +464,7 @@ def test_single_text_file_is_split_by_chunk(tmp_path):
     ({"source": "mqar", "seq_len": 16}, "data.mqar.num_kv_pairs.*at most 4"),
     ({"chunk_bytes": 10}, "data.chunk_bytes"),
     ({"heldout_fraction": 0.0}, "data.heldout_fraction.*heldout split"),
+    ({"shuffle_window": 32}, "data.shuffle_window.*retired"),
 ])
 def test_bad_input_errors_name_the_field(fields, match, tmp_path):
   (tmp_path / "empty").mkdir()
@@ -474,6 +475,13 @@ def test_bad_input_errors_name_the_field(fields, match, tmp_path):
   c = _config(**{k: str(paths.get(v, v)) if k == "path" else v for k, v in fields.items()})
   with pytest.raises(config_lib.ConfigError, match=match):
     next(data.make_iterator(c, split="heldout", global_batch_size=4))
+
+
+def test_saved_config_with_the_retired_shuffle_window_loads():
+  saved = json.loads(_config().to_json())
+  saved["data"]["shuffle_window"] = 1024  # what earlier runs wrote to config.json
+  assert config_lib.from_dict(saved).data.shuffle_window is None
+  assert saved["data"]["shuffle_window"] == 1024  # the caller's dict is left alone
 
 
 @pytest.mark.parametrize("kwargs,match", [
