@@ -201,7 +201,7 @@ def state_from_hub(trainer: Trainer, config) -> TrainState:
                     moe_state=variables.get("moe_state", {}), rng=rng)
 
 
-def data_state(iterator) -> dict:
+def global_data_state(iterator) -> dict:
   """The training iterator's state of the whole stream, to checkpoint. Packed text holds only
   this process's slots, so the processes' states are gathered and merged: a collective, which
   every process calls at the same step (each save)."""
@@ -298,11 +298,11 @@ def run(config, workdir: str, overrides: dict | None = None) -> dict:
         log.write(record)
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
       if save_now:
-        ckpt.save(done, state, data_state(train_iter))
+        ckpt.save(done, state, global_data_state(train_iter))
         saved = done
       if done < t.steps and stop(done, sync):
         if saved != done:
-          ckpt.save(done, state, data_state(train_iter))
+          ckpt.save(done, state, global_data_state(train_iter))
         ckpt.wait()
         if jax.process_index() == 0:
           print(f"stopped by {stop.signal_name} after step {done}; saved checkpoint {done} in "

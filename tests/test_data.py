@@ -237,7 +237,7 @@ def test_iterator_state_restores_on_another_process_count(source, corpus, tmp_pa
   after_five = json.loads(json.dumps(one.get_state()))
   for saved, resumed in ((1, 2), (1, 4), (2, 4), (4, 2), (2, 1), (4, 1)):
     its = _states_of(c, saved, 3)
-    # What train_loop.data_state checkpoints: the processes' states merged, through JSON.
+    # What train_loop.global_data_state checkpoints: the processes' states merged, through JSON.
     state = json.loads(json.dumps(data.merge_states([it.get_state() for it in its])))
     assert state == after_three, (saved, resumed)
     shards = [_take(it, 2) for it in _states_of(c, resumed, 0, state)]
