@@ -147,9 +147,10 @@ def data_config() -> ml_collections.ConfigDict:
   # Text files are cut at line breaks into documents of about this many bytes,
   # so one shuffled epoch mixes many files instead of streaming whole files.
   d.chunk_bytes = 16384
-  # Packed training rows are shuffled within windows of this many rows (1: off),
-  # so a batch does not hold consecutive rows of a few documents.
-  d.shuffle_window = 1024
+  # Retired: packed text rows were shuffled within windows of this many rows. Each
+  # row of a batch now has its own packer and documents, which mixes a batch
+  # without it; setting it is an error, and saved configs that hold it load without it.
+  d.shuffle_window = config_dict.placeholder(int)
   d.mqar = ml_collections.ConfigDict()
   d.mqar.num_kv_pairs = 8
   d.mqar.num_examples = 100_000
@@ -410,7 +411,11 @@ def validate_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) ->
   """Raises ConfigError for any invalid data value."""
   q = "data."
   _choice(d, q, "source", ("stdlib", "text", "tokens", "mqar"))
-  _positive_int(d, q, "seq_len", "chunk_bytes", "shuffle_window")
+  _positive_int(d, q, "seq_len", "chunk_bytes")
+  if d.shuffle_window is not None:
+    _fail(q + "shuffle_window", d.shuffle_window,
+          "the field is retired: each row of a batch is packed from its own documents, which "
+          "mixes a batch without a row shuffle; remove the setting")
   if d.source in ("text", "tokens") and not d.path:
     _fail(q + "path", d.path, f"data.source={d.source!r} needs a file or folder path")
   if not isinstance(d.tokenizer, str) or not d.tokenizer:
@@ -546,6 +551,9 @@ def from_dict(saved: dict) -> ml_collections.ConfigDict:
         node[key] = tuple(value) if as_tuple else value
 
   config = default_config()
+  data = saved.get("data")
+  if isinstance(data, dict) and "shuffle_window" in data:  # retired; earlier runs recorded it
+    saved = {**saved, "data": {k: v for k, v in data.items() if k != "shuffle_window"}}
   merge(config, saved, "")
   return validate(config)
 

@@ -14,13 +14,14 @@ and packed into rows of seq_len + 1 tokens.
 Global batch b holds rows [b B, (b + 1) B) of the split's row stream, and
 process p of P feeds rows [p B / P, (p + 1) B / P) of each batch (the rows
 its devices own in the batch sharding, which `sharding.process_rows` checks).
-The map sources ("tokens", "mqar") are indexed by row, so each process reads
-only its own rows. Packing text is sequential, so there every process packs
-the same global batch and keeps its slice: the union of the process shards is
-exactly the single-process global batch, at the cost of each process
-tokenizing it all. Either way the iterator state describes the global
-stream, the same on every process, so a checkpoint restores on any number of
-processes.
+Each process reads, tokenizes and packs only its own rows, and the stream
+does not depend on the process count. The map sources ("tokens", "mqar",
+and unpacked text: one document per row) are indexed by row. Packed text has
+one packer ("slot") per row of the global batch: slot j packs documents j,
+j + B, j + 2B, ... of the split's document order, and row j of every batch is
+slot j's next row, so a process runs only the slots of its rows. The
+iterator state holds every slot's position (`merge_states` combines the
+processes' states), so a checkpoint restores on any number of processes.
 """
 
 from __future__ import annotations
@@ -221,71 +222,127 @@ def _row_example(row: np.ndarray, segments: np.ndarray) -> dict:
           "segment_ids": segments[:-1].astype(np.int32), "loss_mask": same.astype(np.float32)}
 
 
-class PackIterDataset(grain.IterDataset):
-  """Packs a stream of token-id documents into rows of `row_len` tokens.
+class _SlotPackIterDataset(grain.IterDataset):
+  """Packed rows [lo, hi) of each global batch of `global_batch_size` = B rows of text.
 
-  Documents fill rows in order, each a new segment. A document that does not
-  fit goes on in the next row from its last packed token, so that every token
-  but a document's first is a target exactly once. The state is the parent's
-  state before the current document and the offset in it: plain JSON, which
-  is how grain checkpoints it (grain's ConcatThenSplitIterDataset state does
-  not survive the round trip: its tuple sentinel comes back as a list).
+  `docs[g]` are the token ids of document g of the split's order (infinite
+  for "train"). Slot j packs documents j, j + B, j + 2B, ... into rows of
+  `row_len` tokens, each document a new segment; row j of every batch is slot
+  j's next row. A document that does not fit goes on in the slot's next row
+  from its last packed token, so every token but a document's first is a
+  target exactly once; documents of fewer than 2 tokens (no target) are
+  skipped. Only the slots [lo, hi) run here, reading only their documents.
+
+  A finite split ends when every slot has run out. With `process_count` > 1
+  a process cannot see the others' slots, so past the end of its own it
+  yields empty rows (loss_mask 0) without end, and the consumer stops at the
+  first batch with no target in any process (`train_loop.evaluate`).
   """
 
-  def __init__(self, parent: grain.IterDataset, *, row_len: int):
-    super().__init__(parent)
-    self._row_len = row_len
+  def __init__(self, docs: grain.MapDataset, *, global_batch_size: int, lo: int, hi: int,
+               row_len: int, process_count: int):
+    super().__init__()
+    self._docs, self._batch, self._lo, self._hi = docs, global_batch_size, lo, hi
+    self._row_len, self._alone = row_len, process_count == 1
 
-  def __iter__(self) -> _PackIterator:
-    return _PackIterator(self._parent.__iter__(), row_len=self._row_len)
+  def __iter__(self) -> _SlotPackIterator:
+    return _SlotPackIterator(self)
 
 
-class _PackIterator(grain.DatasetIterator):
-  """Iterator of (row, segment ids) pairs of PackIterDataset."""
+class _SlotPackIterator(grain.DatasetIterator):
+  """Iterator of _SlotPackIterDataset. Its state is {"slots": [[k, offset], ...]}, one entry
+  per slot of the global batch: the slot's current document is its k-th (document
+  j + k B) and `offset` of its tokens are packed; [-1, -1] for a slot another process runs."""
 
-  def __init__(self, parent: grain.DatasetIterator, *, row_len: int):
-    super().__init__(parent)
-    self._row_len = row_len
-    self._doc = None
-    self._doc_state = parent.get_state()
-    self._offset = 0
+  def __init__(self, ds: _SlotPackIterDataset):
+    super().__init__()
+    self._ds = ds
+    self._slots = {j: [0, 0] for j in range(ds._lo, ds._hi)}
+    self._current = {}  # slot -> (k, token ids of its current document)
 
-  def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-    row = np.zeros(self._row_len, np.int32)
-    segments = np.zeros(self._row_len, np.int32)
-    fill = 0
-    while fill < self._row_len:
-      if self._doc is None:
-        self._doc_state = self._parent.get_state()
-        try:
-          self._doc = next(self._parent)
-        except StopIteration:
-          break
-        self._offset = 0
-      take = min(self._row_len - fill, len(self._doc) - self._offset)
-      row[fill:fill + take] = self._doc[self._offset:self._offset + take]
-      segments[fill:fill + take] = segments[fill - 1] + 1 if fill else 1
-      fill += take
-      self._offset += take
-      if self._offset == len(self._doc):
-        self._doc = None
-    if not fill:
-      raise StopIteration
-    if self._doc is not None:
-      self._offset -= 1
+  def _tokens(self, j: int, k: int) -> np.ndarray | None:
+    """Token ids of slot j's k-th document; None past the end of a finite split."""
+    g = j + k * self._ds._batch
+    if g >= len(self._ds._docs):
+      return None
+    cached = self._current.get(j)
+    if cached is None or cached[0] != k:
+      cached = self._current[j] = (k, self._ds._docs[g])
+    return cached[1]
+
+  def _row(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slot j's next row of tokens and segment ids."""
+    n = self._ds._row_len
+    row, segments = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    k, offset = self._slots[j]
+    fill, segment = 0, 0
+    while fill < n:
+      doc = self._tokens(j, k)
+      if doc is None:
+        break
+      if len(doc) < 2:
+        k, offset = k + 1, 0
+        continue
+      if offset > len(doc) - 2:  # only from a restored state: a continued document has 2 left
+        raise ConfigError(
+            f"the data iterator state puts slot {j} at token {offset} of a document of "
+            f"{len(doc)} tokens; the corpus, data.tokenizer or data.chunk_bytes differ from the "
+            "run that wrote the checkpoint; expected those of that run")
+      take = min(n - fill, len(doc) - offset)
+      segment += 1
+      row[fill:fill + take] = doc[offset:offset + take]
+      segments[fill:fill + take] = segment
+      fill, offset = fill + take, offset + take
+      if offset == len(doc):
+        k, offset = k + 1, 0
+        self._current.pop(j, None)
+    if offset:
+      offset -= 1  # the next row repeats the last token as the input of the first target
+    self._slots[j] = [k, offset]
     return row, segments
 
+  def __next__(self) -> dict:
+    rows = [self._row(j) for j in sorted(self._slots)]
+    # A slot that has not run out fills at least 2 tokens of its row.
+    if self._ds._alone and not any(segments.any() for _, segments in rows):
+      raise StopIteration
+    rows = [_row_example(*r) for r in rows]
+    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
   def get_state(self) -> dict:
-    if self._doc is None:
-      return {"parent": self._parent.get_state(), "offset": 0}
-    return {"parent": self._doc_state, "offset": self._offset}
+    slots = [[-1, -1]] * self._ds._batch
+    for j, position in self._slots.items():
+      slots[j] = list(position)
+    return {"slots": slots}
 
   def set_state(self, state: dict):
-    self._parent.set_state(state["parent"])
-    self._doc_state = state["parent"]
-    self._doc, self._offset = None, state["offset"]
-    if self._offset:
-      self._doc = next(self._parent)
+    if "slots" not in state:
+      raise ConfigError(
+          "the checkpoint's data iterator state is of the earlier text pipeline, which packed "
+          "one stream of documents into all rows; packed text now has one packer per batch row "
+          "and cannot continue that stream: resume with the version that wrote the checkpoint, "
+          "or start a new --workdir (the checkpoint is left as it is)")
+    slots = state["slots"]
+    if len(slots) != self._ds._batch:
+      raise ConfigError(f"config field 'train.batch_size' = {self._ds._batch} does not fit the "
+                        f"checkpoint's data iterator state ({len(slots)} packed rows per batch); "
+                        "expected the batch size the run was started with")
+    missing = [j for j in self._slots if slots[j][0] < 0]
+    if missing:
+      raise ValueError(f"the data iterator state lacks the slots {missing[:8]} of this process; "
+                       "expected the state of the whole batch (data.merge_states)")
+    self._slots = {j: list(slots[j]) for j in self._slots}
+    self._current = {}
+
+
+def merge_states(states: list[dict]) -> dict:
+  """The iterator state of the global stream from every process's `get_state()`: packed text
+  states hold only the process's own slots; the other sources' states are the same on every
+  process."""
+  if "slots" not in states[0]:
+    return states[0]
+  merged = np.max(np.asarray([s["slots"] for s in states], np.int64), axis=0)
+  return {"slots": merged.tolist()}
 
 
 def _unpacked_example(ids: np.ndarray, seq_len: int) -> dict:
@@ -384,7 +441,7 @@ class _LocalRowsIterDataset(grain.IterDataset):
     rows = [self._rows[i] for i in range(start + self._lo, min(start + self._hi, n))]
     # A batch past the end of a split pads with empty rows shaped like one of this process's.
     example = None if rows else self._rows[self._lo if self._lo < n else 0]
-    return _local_batch(rows, lo=0, hi=self._hi - self._lo, example=example)
+    return _local_batch(rows, size=self._hi - self._lo, example=example)
 
   def __iter__(self) -> _GlobalRowsIterator:
     count = -(-len(self._rows) // self._batch)
@@ -415,13 +472,11 @@ class _GlobalRowsIterator(grain.DatasetIterator):
     self._parent.set_state({"next_index": rows // self._batch})
 
 
-def _local_batch(rows: list[dict], *, lo: int, hi: int, example: dict | None = None) -> dict:
-  """This process's rows [lo, hi) of a global batch, padding a short last batch with empty rows
-  (shaped like `example`, default the first row)."""
+def _local_batch(rows: list[dict], *, size: int, example: dict | None = None) -> dict:
+  """A batch of `size` rows: `rows`, then empty rows shaped like `example` (default the first row)."""
   blank = {k: np.zeros_like(v) for k, v in (example or rows[0]).items()}
-  mine = list(rows[lo:hi])
-  mine += [blank] * (hi - lo - len(mine))
-  return {k: np.stack([r[k] for r in mine]) for k in blank}
+  rows = rows + [blank] * (size - len(rows))
+  return {k: np.stack([r[k] for r in rows]) for k in blank}
 
 
 def make_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch_size: int,
@@ -440,8 +495,8 @@ def make_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch_
   seed = config.seed if seed is None else seed
   if not isinstance(seed, int) or seed < 0:
     raise ValueError(f"seed = {seed!r} is invalid; expected a non-negative integer")
-  # grain's shuffles want 32-bit seeds, and the window shuffle adds its window index.
-  order_seed, window_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+  # grain's shuffle wants a 32-bit seed.
+  order_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
   train = split == "train"
 
   def ordered(ds: grain.MapDataset) -> grain.MapDataset:
@@ -456,17 +511,13 @@ def make_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch_
   if tokenizer.vocab_size > m.vocab_size:
     _fail("model.vocab_size", m.vocab_size,
           f"data.tokenizer {d.tokenizer!r} has {tokenizer.vocab_size} ids; expected vocab_size >= that")
-  docs = ordered(grain.MapDataset.source(_documents(d, split)))
-  ids = docs.map(lambda doc: tokenizer.encode(_read_chunk(doc)))
-  if d.pack:
-    ds = PackIterDataset(ids.to_iter_dataset(_READ_OPTIONS), row_len=d.seq_len + 1)
-    ds = ds.map(lambda packed: _row_example(*packed))
-    if train and d.shuffle_window > 1:
-      ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=d.shuffle_window,
-                                                       seed=window_seed >> 1)
-  else:
-    ds = ids.map(functools.partial(_unpacked_example, seq_len=d.seq_len)).to_iter_dataset(_READ_OPTIONS)
-  return ds.batch(global_batch_size, batch_fn=functools.partial(_local_batch, lo=lo, hi=hi))
+  ids = ordered(grain.MapDataset.source(_documents(d, split))).map(
+      lambda doc: tokenizer.encode(_read_chunk(doc)))
+  if not d.pack:
+    rows = ids.map(functools.partial(_unpacked_example, seq_len=d.seq_len))
+    return _LocalRowsIterDataset(rows, global_batch_size=global_batch_size, lo=lo, hi=hi)
+  return _SlotPackIterDataset(ids, global_batch_size=global_batch_size, lo=lo, hi=hi,
+                              row_len=d.seq_len + 1, process_count=process_count)
 
 
 def make_iterator(config: ml_collections.ConfigDict, *, split: str, global_batch_size: int,
@@ -475,9 +526,12 @@ def make_iterator(config: ml_collections.ConfigDict, *, split: str, global_batch
   """Iterator of dict batches [global_batch_size // process_count, data.seq_len].
 
   "train" repeats forever, reshuffled each epoch; "heldout" is one pass in
-  corpus order whose last batch is padded with loss_mask 0 rows. Batches
-  depend only on the seed (default config.seed); the iterator's
-  get_state()/set_state() resume a run exactly.
+  corpus order whose last batch is padded with loss_mask 0 rows (packed text
+  on several processes: empty batches follow without end, see
+  `_SlotPackIterDataset`). Batches depend only on the seed (default
+  config.seed), not on the process count. The iterator's get_state() /
+  set_state() resume a run exactly; set_state takes the state of the whole
+  stream, which for several processes is `merge_states` of theirs.
   """
   return iter(make_dataset(config, split=split, global_batch_size=global_batch_size,
                            process_index=process_index, process_count=process_count, seed=seed))

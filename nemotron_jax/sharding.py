@@ -168,20 +168,28 @@ def local_batch_to_global(batch: dict, mesh: Mesh) -> dict:
           for k, v in batch.items()}
 
 
-def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+def process_rows(mesh: Mesh, global_batch: int, *, process_index: int | None = None,
+                 process_count: int | None = None, process_of=None) -> tuple[int, int]:
   """The rows [lo, hi) of a global batch that this process's devices own in `batch_sharding`.
 
   The data pipeline feeds process p rows [p B / P, (p + 1) B / P); raises if the
   mesh gives this process other rows, which would pair its rows with the wrong devices.
+  The keywords default to this process: jax.process_index(), jax.process_count() and each
+  device's `process_index` (`process_of(device)`), and let a check of a simulated
+  multi-process mesh name others.
   """
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  process_of = (lambda device: device.process_index) if process_of is None else process_of
   owned = set()
-  for index in batch_sharding(mesh).addressable_devices_indices_map((global_batch, 1)).values():
-    owned.update(range(global_batch)[index[0]])
-  local = global_batch // jax.process_count()
-  lo = jax.process_index() * local
+  for device, rows in batch_sharding(mesh).devices_indices_map((global_batch, 1)).items():
+    if process_of(device) == index:
+      owned.update(range(global_batch)[rows[0]])
+  local = global_batch // count
+  lo = index * local
   if owned != set(range(lo, lo + local)):
     raise ConfigError(
-        f"process {jax.process_index()} of {jax.process_count()} feeds rows [{lo}, {lo + local}) "
+        f"process {index} of {count} feeds rows [{lo}, {lo + local}) "
         f"of each batch of {global_batch}, but its devices own rows {sorted(owned)[:8]}... in the "
         f"batch sharding of mesh {dict(mesh.shape)}; order the mesh's devices by process")
   return lo, lo + local

@@ -107,7 +107,12 @@ class MetricsLog:
 
 
 def evaluate(trainer: Trainer, state, config, tokenizer, *, max_batches: int) -> dict:
-  """Mean loss, perplexity and (with a tokenizer) bits per byte on the held-out split."""
+  """Mean loss, perplexity and (with a tokenizer) bits per byte on the held-out split.
+
+  Stops after `max_batches`, at the end of the split, or at the first batch with no target
+  in any process (how packed text on several processes ends: every process sees the same
+  global count, so all stop together).
+  """
   it = data_lib.make_iterator(config, split="heldout", global_batch_size=config.train.batch_size,
                               process_index=jax.process_index(), process_count=jax.process_count())
   nll, tokens, nbytes = 0.0, 0.0, 0
@@ -115,6 +120,8 @@ def evaluate(trainer: Trainer, state, config, tokenizer, *, max_batches: int) ->
     if i >= max_batches:
       break
     out = jax.device_get(trainer.eval_step(state, trainer.shard_batch(batch)))
+    if not float(out["tokens"]):
+      break
     nll += float(out["nll_sum"])
     tokens += float(out["tokens"])
     if tokenizer is not None:
@@ -192,6 +199,21 @@ def state_from_hub(trainer: Trainer, config) -> TrainState:
                         out_shardings=(shardings.step, shardings.rng))()
   return TrainState(step=step, params=params, opt_state=opt_state,
                     moe_state=variables.get("moe_state", {}), rng=rng)
+
+
+def global_data_state(iterator) -> dict:
+  """The training iterator's state of the whole stream, to checkpoint. Packed text holds only
+  this process's slots, so the processes' states are gathered and merged: a collective, which
+  every process calls at the same step (each save)."""
+  state = iterator.get_state()
+  if jax.process_count() == 1 or "slots" not in state:
+    return state
+  # int32 on the wire (JAX without x64): document counts per slot and offsets fit it.
+  slots = np.asarray(state["slots"], np.int64)
+  if slots.max() >= 2 ** 31:
+    raise OverflowError(f"a packed-text slot position {slots.max()} does not fit int32")
+  gathered = multihost_utils.process_allgather(slots.astype(np.int32))
+  return data_lib.merge_states([{"slots": s.tolist()} for s in np.asarray(gathered)])
 
 
 def run(config, workdir: str, overrides: dict | None = None) -> dict:
@@ -276,11 +298,11 @@ def run(config, workdir: str, overrides: dict | None = None) -> dict:
         log.write(record)
         bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}")
       if save_now:
-        ckpt.save(done, state, train_iter.get_state())
+        ckpt.save(done, state, global_data_state(train_iter))
         saved = done
       if done < t.steps and stop(done, sync):
         if saved != done:
-          ckpt.save(done, state, train_iter.get_state())
+          ckpt.save(done, state, global_data_state(train_iter))
         ckpt.wait()
         if jax.process_index() == 0:
           print(f"stopped by {stop.signal_name} after step {done}; saved checkpoint {done} in "

@@ -69,8 +69,6 @@ def load(preset: str, *, steps: int, seq_len: int, batch_size: int = 8):
     if m.moe.latent_size:
       m.moe.latent_size //= 4
   c.data.seq_len = seq_len
-  if QUICK:
-    c.data.shuffle_window = 16  # a small window fills fast; full mode keeps the preset's
   t = c.train
   t.steps, t.batch_size = steps, batch_size
   t.warmup_steps = max(1, steps // 10)

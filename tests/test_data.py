@@ -18,7 +18,6 @@ NUM_DOCS = 20
 def _config(**data_fields):
   c = config_lib.default_config()
   c.data.seq_len = 32
-  c.data.shuffle_window = 100  # grain's index shuffle is slow for tiny ranges
   for name, value in data_fields.items():
     c.data[name] = value
   return c
@@ -115,7 +114,7 @@ def test_fresh_iterators_agree_and_seed_matters(source, corpus, tmp_path):
 
 
 @pytest.mark.parametrize("source,fields", [
-    ("stdlib", {"shuffle_window": 32}),  # restores mid-window and across windows
+    ("stdlib", {}),
     ("text", {}),  # small corpus: the run crosses epochs
     ("text", {"pack": False}),
     ("tokens", {}),
@@ -136,21 +135,29 @@ def test_restored_iterator_matches_uninterrupted(source, fields, corpus, tmp_pat
     _assert_same(batches[step:step + 8], _take(resumed, len(batches[step:step + 8])))
 
 
-@pytest.mark.parametrize("source,split", [("stdlib", "train"), ("text", "heldout"), ("mqar", "train"),
-                                          ("tokens", "heldout"), ("tokens", "train")])
+def _shard_batches(c, split, count, p, n, global_batch_size=12):
+  """n batches of process p of `count`; a held-out pass of packed text on several processes
+  goes on with empty batches past its end, and the one after the n-th must be empty."""
+  it = data.make_iterator(c, split=split, global_batch_size=global_batch_size, process_index=p,
+                          process_count=count)
+  batches = _take(it, n)
+  if split == "heldout" and count > 1 and c.data.source in ("stdlib", "text") and c.data.pack:
+    assert not next(it)["loss_mask"].any()
+  return batches
+
+
+@pytest.mark.parametrize("source,split", [("stdlib", "train"), ("text", "heldout"), ("text", "train"),
+                                          ("mqar", "train"), ("tokens", "heldout"), ("tokens", "train")])
 def test_process_shards_partition_the_global_batch(source, split, corpus, tmp_path):
   c = _source_config(source, corpus, tmp_path, heldout_fraction=0.25)
-
-  def batches(**kwargs):
-    it = data.make_iterator(c, split=split, global_batch_size=12, **kwargs)
-    return _take(it, 3) if split == "train" else list(it)
-
-  glob = batches()
-  if source == "text":  # 16 held-out rows: the second batch is padded with 8 empty rows
-    assert len(glob) == 2 and not glob[-1]["segment_ids"][4:].any()
-  for count in (2, 4):
-    shards = [batches(process_index=p, process_count=count) for p in range(count)]
-    assert all(len(shard) == len(glob) for shard in shards)
+  it = data.make_iterator(c, split=split, global_batch_size=12)
+  glob = _take(it, 3) if split == "train" else list(it)
+  if source == "text" and split == "heldout":
+    # 5 held-out documents of 20-150 bytes: one per slot 0..4, rows 5..11 empty, and the
+    # pass lasts as long as the longest document's rows.
+    assert 2 <= len(glob) <= 5 and not any(b["segment_ids"][5:].any() for b in glob)
+  for count in (1, 2, 4):
+    shards = [_shard_batches(c, split, count, p, len(glob)) for p in range(count)]
     for step, whole in enumerate(glob):
       for k in whole:
         parts = [shard[step][k] for shard in shards]
@@ -175,24 +182,86 @@ def test_map_sources_read_only_the_process_rows(monkeypatch):
     np.testing.assert_array_equal(shard[0]["inputs"], whole[0]["inputs"][4 * p:4 * p + 4])
 
 
-@pytest.mark.parametrize("source", ["stdlib", "tokens", "mqar"])
+def test_packed_text_reads_only_the_process_documents(corpus, monkeypatch):
+  path, docs = corpus
+  c = _config(source="text", path=str(path), heldout_fraction=0.5)
+  tok = data.make_tokenizer(c.data)
+  read = []
+  read_chunk = data._read_chunk
+  monkeypatch.setattr(data, "_read_chunk", lambda doc: read.append(doc) or read_chunk(doc))
+  # Held out: 10 documents in corpus order, so slot j of 4 packs documents j, j + 4, j + 8.
+  order = data._documents(c.data, "heldout")
+  whole = list(data.make_iterator(c, split="heldout", global_batch_size=4))
+  assert sorted(read) == sorted(order)  # each document read once
+  for count in (2, 4):
+    for p in range(count):
+      read.clear()
+      shard = _shard_batches(c, "heldout", count, p, len(whole), global_batch_size=4)
+      mine = range(p * 4 // count, (p + 1) * 4 // count)
+      assert sorted(read) == sorted(doc for g, doc in enumerate(order) if g % 4 in mine), (count, p)
+      for batch in shard:
+        list(_segments(batch, tok, docs))
+  # Train: the processes' reads together are the single process's, each about 1/4 of them.
+  read.clear()
+  _take(data.make_iterator(c, split="train", global_batch_size=8), 6)
+  single = sorted(read)
+  shares = []
+  for p in range(4):
+    read.clear()
+    for batch in _take(data.make_iterator(c, split="train", global_batch_size=8, process_index=p,
+                                          process_count=4), 6):
+      list(_segments(batch, tok, docs))
+    shares.append(sorted(read))
+  assert sorted(doc for share in shares for doc in share) == single
+  assert all(len(share) < len(single) / 2 for share in shares), [len(x) for x in shares]
+
+
+def _states_of(c, count, n, state=None):
+  """The iterators of `count` processes (batch 8) set to `state`, after n batches each."""
+  its = [data.make_iterator(c, split="train", global_batch_size=8, process_index=p,
+                            process_count=count) for p in range(count)]
+  for it in its:
+    if state is not None:
+      it.set_state(state)
+    _take(it, n)
+  return its
+
+
+@pytest.mark.parametrize("source", ["stdlib", "text", "tokens", "mqar"])
 def test_iterator_state_restores_on_another_process_count(source, corpus, tmp_path):
   c = _source_config(source, corpus, tmp_path)
   one = data.make_iterator(c, split="train", global_batch_size=8)
   _take(one, 3)
-  state = json.loads(json.dumps(one.get_state()))
+  after_three = json.loads(json.dumps(one.get_state()))
   expected = _take(one, 2)
-  for count in (2, 4):
-    shards = []
-    for p in range(count):
-      it = data.make_iterator(c, split="train", global_batch_size=8, process_index=p,
-                              process_count=count)
-      it.set_state(state)
-      shards.append(_take(it, 2))
-      assert json.loads(json.dumps(it.get_state())) == json.loads(json.dumps(one.get_state()))
+  after_five = json.loads(json.dumps(one.get_state()))
+  for saved, resumed in ((1, 2), (1, 4), (2, 4), (4, 2), (2, 1), (4, 1)):
+    its = _states_of(c, saved, 3)
+    # What train_loop.global_data_state checkpoints: the processes' states merged, through JSON.
+    state = json.loads(json.dumps(data.merge_states([it.get_state() for it in its])))
+    assert state == after_three, (saved, resumed)
+    shards = [_take(it, 2) for it in _states_of(c, resumed, 0, state)]
     for step, whole in enumerate(expected):
-      np.testing.assert_array_equal(np.concatenate([s[step]["inputs"] for s in shards]),
-                                    whole["inputs"])
+      for k in whole:
+        np.testing.assert_array_equal(np.concatenate([s[step][k] for s in shards]), whole[k])
+    its = _states_of(c, resumed, 2, state)
+    assert json.loads(json.dumps(data.merge_states([it.get_state() for it in its]))) == after_five
+
+
+def test_packed_text_state_errors(corpus):
+  c = _config(source="text", path=str(corpus[0]))
+  it = data.make_iterator(c, split="train", global_batch_size=4, process_index=1, process_count=2)
+  # A state of the previous pipeline (one packed stream, grain's window shuffle) is refused.
+  with pytest.raises(config_lib.ConfigError, match="earlier text pipeline.*new --workdir"):
+    it.set_state({"parent": {"next_index": 3}, "offset": 5})
+  with pytest.raises(config_lib.ConfigError, match="'train.batch_size' = 4.*8 packed rows"):
+    it.set_state({"slots": [[0, 0]] * 8})
+  it.set_state({"slots": [[0, 0]] * 2 + [[0, 10 ** 6]] * 2})  # another corpus's state
+  with pytest.raises(config_lib.ConfigError, match="slot 2 at token 1000000 of a document"):
+    next(it)
+  with pytest.raises(ValueError, match=r"lacks the slots \[2, 3\]"):
+    it.set_state(data.make_iterator(c, split="train", global_batch_size=4, process_index=0,
+                                    process_count=2).get_state())
 
 
 def test_packing_respects_documents(corpus):
@@ -395,6 +464,7 @@ def test_single_text_file_is_split_by_chunk(tmp_path):
     ({"source": "mqar", "seq_len": 16}, "data.mqar.num_kv_pairs.*at most 4"),
     ({"chunk_bytes": 10}, "data.chunk_bytes"),
     ({"heldout_fraction": 0.0}, "data.heldout_fraction.*heldout split"),
+    ({"shuffle_window": 32}, "data.shuffle_window.*retired"),
 ])
 def test_bad_input_errors_name_the_field(fields, match, tmp_path):
   (tmp_path / "empty").mkdir()
@@ -405,6 +475,13 @@ def test_bad_input_errors_name_the_field(fields, match, tmp_path):
   c = _config(**{k: str(paths.get(v, v)) if k == "path" else v for k, v in fields.items()})
   with pytest.raises(config_lib.ConfigError, match=match):
     next(data.make_iterator(c, split="heldout", global_batch_size=4))
+
+
+def test_saved_config_with_the_retired_shuffle_window_loads():
+  saved = json.loads(_config().to_json())
+  saved["data"]["shuffle_window"] = 1024  # what earlier runs wrote to config.json
+  assert config_lib.from_dict(saved).data.shuffle_window is None
+  assert saved["data"]["shuffle_window"] == 1024  # the caller's dict is left alone
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -108,6 +108,32 @@ def test_mesh_errors_name_the_problem():
     Trainer(c, build_model(c), mesh)
 
 
+def test_process_rows_are_the_rows_the_process_devices_own():
+  # 8 simulated devices split between 2 simulated processes: devices 0-3 and 4-7.
+  devices = jax.devices()[:8]
+  process_of = lambda device: devices.index(device) // 4  # noqa: E731
+
+  def rows(order, shape, p):
+    mesh = jax.sharding.Mesh(np.array([devices[i] for i in order]).reshape(shape), sharding.MESH_AXES)
+    return sharding.process_rows(mesh, 16, process_index=p, process_count=2, process_of=process_of)
+
+  # Devices in process order, on data alone, data x fsdp, or data x tensor (replicas in a process).
+  for shape in ((8, 1, 1, 1), (2, 4, 1, 1), (4, 1, 2, 1)):
+    assert [rows(range(8), shape, p) for p in range(2)] == [(0, 8), (8, 16)], shape
+  # Processes interleaved along the batch: process 1 would feed rows 8-15 to devices holding
+  # rows 2, 3, 6, 7, ...
+  interleaved = [0, 4, 1, 5, 2, 6, 3, 7]
+  with pytest.raises(ConfigError, match=r"process 1 of 2 feeds rows \[8, 16\) .* own rows "
+                                        r"\[2, 3, 6, 7, 10, 11, 14, 15\]"):
+    rows(interleaved, (8, 1, 1, 1), 1)
+  # Tensor replicas of each row block in both processes: each process's devices own every row.
+  with pytest.raises(ConfigError, match=r"process 0 of 2 feeds rows \[0, 8\) .* own rows "
+                                        r"\[0, 1, 2, 3, 4, 5, 6, 7\]\.\.\."):
+    rows(interleaved, (4, 1, 2, 1), 0)
+  # The real process: one process owns every row.
+  assert sharding.process_rows(sharding.make_mesh(mesh_config((8, 1, 1, 1)).mesh), 16) == (0, 16)
+
+
 # MoE at scale: compile-only checks of the train step on 8 simulated devices, at a shape
 # where every device holds 2 rows x 64 tokens (128 tokens, 512 token copies at top-4) and
 # the global batch holds 8 times that.

@@ -168,6 +168,26 @@ def test_corrupted_latest_checkpoint_falls_back(reference_run, tmp_path):
   np.testing.assert_array_equal(values, reference_run[1])
 
 
+def test_data_state_of_the_earlier_text_packing_is_one_line_error(reference_run, tmp_path):
+  workdir = copy_run(reference_run, tmp_path, keep_steps=(24,))
+  # What the single-stream packing (grain's window shuffle over one packer) saved.
+  files = glob.glob(os.path.join(workdir, "checkpoints", "24", "data", "*"))
+  states = [name for name in files if "slots" in open(name).read()]
+  assert len(states) == 1
+  old = {"parent_window_start_state": {"parent": {"next_index": 40}, "offset": 3},
+         "window_index": 0, "pos_in_window": 192}
+  with open(states[0], "w") as f:
+    json.dump(old, f)
+  proc = run(workdir)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "earlier text pipeline" in errors[0] and "new --workdir" in errors[0]
+  assert "Traceback" not in proc.stderr
+  with open(states[0]) as f:
+    assert json.load(f) == old  # the checkpoint is left as it was
+  assert not os.path.exists(os.path.join(workdir, "checkpoints.unrestorable"))
+
+
 def test_sigterm_saves_and_resume_is_exact(reference, tmp_path):
   workdir = str(tmp_path)
   proc = subprocess.Popen(command(workdir), env=environment(4), cwd=ROOT, text=True,
