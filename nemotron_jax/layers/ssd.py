@@ -71,9 +71,9 @@ def pad_to_chunks(x, dt, B, C, segment_ids, chunk_size):
   return x, dt, B, C, segment_ids
 
 
-# The longest run of chunks one quadratic step covers: a float32 [b k h q q] decay is at
-# most this many bytes per sequence. Longer inputs go through blocks of chunks that the
-# backward recomputes (`ssd_chunked`); shorter ones keep the single batched pass.
+# The most chunks one batched quadratic step covers: their float32 [k h q q] decay is at
+# most this many bytes per sequence. Longer inputs run in blocks of that many chunks that
+# the backward recomputes (`ssd_chunked`); shorter ones keep the single batched pass.
 BLOCK_BYTES = 32 * 2**20
 
 
@@ -169,9 +169,8 @@ def _block_scan(q, state0, keep, x, dt, A, B, C, D, seg):
 
 def _block_scan_fwd(q, state0, keep, x, dt, A, B, C, D, seg):
   # Residuals: the inputs in their own dtype and one state per block. 16-bit inputs are
-  # scanned as raw bits: XLA otherwise moves their float32 conversion out of the loops and
-  # keeps a float32 copy of the whole input from the forward to the backward (+0.2 GiB of
-  # temp for a Nano layer at 8k tokens).
+  # scanned as raw bits: XLA otherwise moves their float32 conversion out of the loops
+  # and keeps a float32 copy of the whole input alive from the forward to the backward.
   final, (ys, entering) = _scan_blocks(q, state0, keep, x, dt, A, B, C, D, seg, save=True)
   return (ys, final), (entering, keep, x, dt, A, B, C, D, seg)
 
