@@ -81,23 +81,23 @@ def test_decode_step_continues_the_scan():
   np.testing.assert_allclose(state, final, atol=2e-5, rtol=1e-5)
 
 
-# Run ids that change exactly where a block of 2 chunks of 4 starts (token 16), inside a
-# block's first chunk (token 25) and mid-chunk elsewhere (token 3).
+# Run ids that change exactly where a block of 2 chunks of 8 starts (token 16), inside the
+# first chunk of a block of 3 chunks of 4 (token 25) and mid-chunk elsewhere (token 3).
 BLOCK_SEGMENTS = jnp.array([[1] * 16 + [2] * 9 + [3] * 12, [4] * 3 + [9] * 34])
 
 
-def values_and_grads(fn, args, with_state):
-  """jit of (y, final state, gradients of loss_fn w.r.t. all seven inputs)."""
+def values_and_grads(fn, args):
+  """jit of (y, final state, gradients of loss_fn w.r.t. all seven inputs, the state included)."""
   def run(*a):
-    y, final = fn(*a[:6], a[6] if with_state else None)
-    return y, final, jax.grad(loss_fn(fn, with_state), argnums=range(7))(*a)
+    y, final = fn(*a)
+    return y, final, jax.grad(loss_fn(fn, True), argnums=range(7))(*a)
   return jax.jit(run)(*args)
 
 
-@pytest.mark.parametrize("chunk,block,with_state,segments",
-                         [(4, 3, True, True), (4, 2, False, True), (8, 2, True, False)])
-def test_blocked_recompute_matches_sequential(chunk, block, with_state, segments):
-  """Blocks of chunks under jax.checkpoint: equal values and gradients, with a shorter last block."""
+@pytest.mark.parametrize("chunk,block,segments", [(4, 3, True), (8, 2, True), (8, 2, False)])
+def test_blocked_recompute_matches_sequential(chunk, block, segments):
+  """Blocks of chunks with the recomputing VJP: equal values and gradients (initial state
+  included), with a shorter last block and, in (8, 2), a segment starting exactly at a block."""
   args = inputs(4)
   seg = BLOCK_SEGMENTS if segments else None
   blocked = lambda *a: ssd.ssd_chunked(*a[:6], chunk_size=chunk, initial_state=a[6],
@@ -105,7 +105,7 @@ def test_blocked_recompute_matches_sequential(chunk, block, with_state, segments
   single = lambda *a: ssd.ssd_chunked(*a[:6], chunk_size=chunk, initial_state=a[6],
                                       segment_ids=seg, block_chunks=10 ** 6)
   seq = lambda *a: ssd.ssd_sequential(*a[:6], initial_state=a[6], segment_ids=seg)
-  got, want, ref = [values_and_grads(fn, args, with_state) for fn in (blocked, single, seq)]
+  got, want, ref = [values_and_grads(fn, args) for fn in (blocked, single, seq)]
   # Blocked and single pass do the same float32 arithmetic but for the order of the
   # state sums between blocks; the sequential scan differs by rounding as above.
   for name, a, b, c in zip(["y", "final"] + [f"d{n}" for n in "x dt A B C D s0".split()],
@@ -124,7 +124,7 @@ def test_blocked_recompute_keeps_bfloat16_inputs():
                                        segment_ids=BLOCK_SEGMENTS, block_chunks=3)
   single = lambda *a: ssd.ssd_chunked(*a[:6], chunk_size=4, initial_state=a[6],
                                       segment_ids=BLOCK_SEGMENTS)
-  got, want = [values_and_grads(fn, args, True) for fn in (blocked, single)]
+  got, want = [values_and_grads(fn, args) for fn in (blocked, single)]
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == b.dtype
     # float32 arithmetic on both sides; the bfloat16 gradients may round to a neighbour.
