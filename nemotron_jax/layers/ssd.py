@@ -14,6 +14,8 @@ float32; outputs are float32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from einops import rearrange, repeat
@@ -69,30 +71,25 @@ def pad_to_chunks(x, dt, B, C, segment_ids, chunk_size):
   return x, dt, B, C, segment_ids
 
 
-def ssd_chunked(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, segment_ids=None):
-  """Chunked SSD: quadratic form inside each chunk, a scan over chunk states between them.
+# The most chunks one batched quadratic step covers: their float32 [k h q q] decay is at
+# most this many bytes per sequence. Longer inputs run in blocks of that many chunks that
+# the backward recomputes (`ssd_chunked`); shorter ones keep the single batched pass.
+BLOCK_BYTES = 32 * 2**20
 
-  Cost is linear in length. Returns (y [b l h p], final state [b h p n]).
-  Internally heads are split as (groups g, heads per group r) and every
-  contraction is batched over (b, chunk, g[, r]) with the contracted axis
-  last or second to last, so XLA needs few layout changes. The cumulative
-  sum inside a chunk is a product with a triangular matrix (a plain cumsum
-  lowers to a slow reduce-window on CPU); the decay between positions i >= j
-  of a chunk is exp(a_cum_i - a_cum_j), exact enough since a chunk's sums are
-  short, and masked before the exp so no infinity ever forms.
+
+def _chunks(x, dt, A, B, C, D, seg, state0, q):
+  """The chunked algorithm on a length that is a multiple of q; seg are run ids, state0 [b h p n].
+
+  The state0 belongs to the first token's segment. Returns (y [b l h p], final state).
   """
-  x, dt, A, B, C, D, initial_state = _f32(x, dt, A, B, C, D, initial_state)
+  x, dt, A, B, C, D, state0 = _f32(x, dt, A, B, C, D, state0)
   b, l, h, p = x.shape
   g, n = B.shape[2], B.shape[3]
   r = h // g
-  seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else run_ids(segment_ids)
-  xp, dtp, Bp, Cp, seg = pad_to_chunks(x, dt, B, C, seg, chunk_size)
-  q = chunk_size
-
-  xdt = rearrange(xp * dtp[..., None], "b (c q) (g r) p -> b c g r q p", q=q, g=g)
-  Bc = rearrange(Bp, "b (c q) g n -> b c g q n", q=q)
-  Cc = rearrange(Cp, "b (c q) g n -> b c g q n", q=q)
-  a = rearrange(dtp * A, "b (c q) (g r) -> b c g r q", q=q, g=g)
+  xdt = rearrange(x * dt[..., None], "b (c q) (g r) p -> b c g r q p", q=q, g=g)
+  Bc = rearrange(B, "b (c q) g n -> b c g q n", q=q)
+  Cc = rearrange(C, "b (c q) g n -> b c g q n", q=q)
+  a = rearrange(dt * A, "b (c q) (g r) -> b c g r q", q=q, g=g)
   tril = jnp.tril(jnp.ones((q, q), jnp.float32))
   # Inclusive sums within each chunk; full float32 even where default dots round (TF32).
   a_cum = jnp.einsum("bcgrj,ij->bcgri", a, tril, precision=jax.lax.Precision.HIGHEST)
@@ -115,8 +112,7 @@ def ssd_chunked(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, segme
 
   # 3. Pass states across chunks; the old state survives a chunk only if no segment starts in it.
   survive = jnp.exp(a_cum[..., -1]) * per_head(last == prev_last)  # [b c g r]
-  state0 = (jnp.zeros((b, g, r, p, n), jnp.float32) if initial_state is None
-            else rearrange(initial_state, "b (g r) p n -> b g r p n", g=g))
+  state0 = rearrange(state0, "b (g r) p n -> b g r p n", g=g)
 
   def step(state, inp):
     surv, new = inp
@@ -130,9 +126,132 @@ def ssd_chunked(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, segme
   from_start = jnp.exp(a_cum) * per_head(seg == prev_last[..., None])  # [b c g r q]
   y_off = jnp.einsum("bcgin,bcgrpn->bcgrip", Cc, starts) * from_start[..., None]
 
-  y = rearrange(y_diag + y_off, "b c g r q p -> b (c q) (g r) p")[:, :l]
+  y = rearrange(y_diag + y_off, "b c g r q p -> b (c q) (g r) p")
   y = y + D[None, None, :, None] * x
   return y, rearrange(final, "b g r p n -> b (g r) p n")
+
+
+def _to_bits(t):
+  """16-bit floats as uint16 bits, for scanning (see `_block_scan_fwd`); others unchanged."""
+  return jax.lax.bitcast_convert_type(t, jnp.uint16) if t.dtype.itemsize == 2 else t
+
+
+def _from_bits(t, dtype):
+  return t if t.dtype == dtype else jax.lax.bitcast_convert_type(t, dtype)
+
+
+def _scan_blocks(q, state0, keep, x, dt, A, B, C, D, seg, *, save):
+  """`_chunks` over blocks [k b w ...] from state0, the entering state masked by keep [k b 1 1 1].
+
+  Returns (ys [k b w h p], final state) and, with save, the state entering each block.
+  """
+  dtypes = [t.dtype for t in (x, dt, B, C)]
+
+  def step(state, block):
+    keep_k, *inputs, seg_k = block
+    x, dt, B, C = [_from_bits(t, d) for t, d in zip(inputs, dtypes)]
+    y, new = _chunks(x, dt, A, B, C, D, seg_k, state * keep_k, q)
+    return new, ((y, state) if save else y)
+
+  return jax.lax.scan(step, state0, [keep] + [_to_bits(t) for t in (x, dt, B, C)] + [seg])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _block_scan(q, state0, keep, x, dt, A, B, C, D, seg):
+  """The SSD over blocks of chunks whose backward recomputes one block at a time.
+
+  Inputs are blocked [k b w ...] (w a multiple of q), keep [k b 1 1 1] is 1
+  where the state entering a block survives. Returns (ys [k b w h p], final).
+  """
+  final, ys = _scan_blocks(q, state0, keep, x, dt, A, B, C, D, seg, save=False)
+  return ys, final
+
+
+def _block_scan_fwd(q, state0, keep, x, dt, A, B, C, D, seg):
+  # Residuals: the inputs in their own dtype and one state per block. 16-bit inputs are
+  # scanned as raw bits: XLA otherwise moves their float32 conversion out of the loops
+  # and keeps a float32 copy of the whole input alive from the forward to the backward.
+  final, (ys, entering) = _scan_blocks(q, state0, keep, x, dt, A, B, C, D, seg, save=True)
+  return (ys, final), (entering, keep, x, dt, A, B, C, D, seg)
+
+
+def _block_scan_bwd(q, res, cts):
+  entering, keep, x, dt, A, B, C, D, seg = res
+  dys, dfinal = cts
+  dtypes = [t.dtype for t in (x, dt, B, C)]
+
+  def step(carry, block):
+    dstate, dA, dD = carry
+    state, keep_k, *inputs, seg_k, dy = block
+    x, dt, B, C = [_from_bits(t, d) for t, d in zip(inputs, dtypes)]
+    run = lambda state, x, dt, A, B, C, D: _chunks(x, dt, A, B, C, D, seg_k, state * keep_k, q)
+    _, vjp = jax.vjp(run, state, x, dt, A, B, C, D)
+    dstate, dx, ddt, dA_k, dB, dC, dD_k = vjp((dy, dstate))
+    return (dstate, dA + dA_k, dD + dD_k), (dx, ddt, dB, dC)
+
+  (dstate0, dA, dD), (dx, ddt, dB, dC) = jax.lax.scan(
+      step, (dfinal, jnp.zeros_like(A), jnp.zeros_like(D)),
+      [entering, keep] + [_to_bits(t) for t in (x, dt, B, C)] + [seg, dys], reverse=True)
+  return dstate0, None, dx, ddt, dA, dB, dC, dD, None
+
+
+_block_scan.defvjp(_block_scan_fwd, _block_scan_bwd)
+
+
+def ssd_chunked(x, dt, A, B, C, D, *, chunk_size: int, initial_state=None, segment_ids=None,
+                block_chunks: int | None = None):
+  """Chunked SSD: quadratic form inside each chunk, a scan over chunk states between them.
+
+  Cost is linear in length. Returns (y [b l h p], final state [b h p n]).
+  Internally heads are split as (groups g, heads per group r) and every
+  contraction is batched over (b, chunk, g[, r]) with the contracted axis
+  last or second to last, so XLA needs few layout changes. The cumulative
+  sum inside a chunk is a product with a triangular matrix (a plain cumsum
+  lowers to a slow reduce-window on CPU); the decay between positions i >= j
+  of a chunk is exp(a_cum_i - a_cum_j), exact enough since a chunk's sums are
+  short, and masked before the exp so no infinity ever forms.
+
+  Memory: an input of at most `block_chunks` chunks (default: as many as keep
+  one float32 [k h q q] tensor within BLOCK_BYTES per sequence) runs as one
+  batched pass whose backward saves its [b c g r q q] decay and score
+  products. A longer input runs as a scan over blocks of `block_chunks`
+  chunks (the last block may be shorter) with a custom VJP: the backward
+  saves only the inputs, in their own dtype, and the state entering each
+  block, and recomputes one block at a time. No [b c g r q q] tensor is then
+  saved, the quadratic working set is one block's, and the price is a second
+  forward pass of the SSD.
+  """
+  b, l, h, p = x.shape
+  q = chunk_size
+  if block_chunks is None:
+    block_chunks = max(1, BLOCK_BYTES // (h * q * q * 4))
+  if not isinstance(block_chunks, int) or block_chunks < 1:
+    raise ValueError(f"block_chunks = {block_chunks!r} is invalid: expected a positive int or None")
+  A, D = _f32(A, D)
+  state0 = (jnp.zeros((b, h, p, B.shape[3]), jnp.float32) if initial_state is None
+            else jnp.asarray(initial_state, jnp.float32))
+  seg = jnp.zeros((b, l), jnp.int32) if segment_ids is None else run_ids(segment_ids)
+  x, dt, B, C, seg = pad_to_chunks(x, dt, B, C, seg, q)
+  lp = x.shape[1]
+  width = block_chunks * q  # tokens per block
+  if lp <= width:
+    y, final = _chunks(x, dt, A, B, C, D, seg, state0, q)
+    return y[:, :l], final
+
+  whole = lp - lp % width  # tokens in whole blocks; the rest is one shorter block
+  # The state entering a block survives only if the block starts in the run that ended
+  # the previous one: [b blocks] (one more for the rest).
+  keep = (seg[:, width::width] == seg[:, width - 1:-1:width]).astype(jnp.float32)
+  keep = jnp.concatenate([jnp.ones((b, 1), jnp.float32), keep], axis=1)[:, :, None, None, None]
+  blocks = lambda t: jnp.moveaxis(t[:, :whole].reshape(b, whole // width, width, *t.shape[2:]), 1, 0)
+  ys, final = _block_scan(q, state0, jnp.moveaxis(keep[:, :whole // width], 1, 0),
+                          *[blocks(t) for t in (x, dt)], A, *[blocks(t) for t in (B, C)], D, blocks(seg))
+  y = jnp.moveaxis(ys, 0, 1).reshape(b, whole, h, p)
+  if whole < lp:
+    rest = [t[None, :, whole:] for t in (x, dt, B, C, seg)]
+    y_rest, final = _block_scan(q, final, keep[None, :, -1], *rest[:2], A, *rest[2:4], D, rest[4])
+    y = jnp.concatenate([y, y_rest[0]], axis=1)
+  return y[:, :l], final
 
 
 def ssd_decode_step(state, x, dt, A, B, C, D):
