@@ -20,10 +20,11 @@ import flax.linen as nn
 from nemotron_jax.config import ConfigError
 from nemotron_jax.layers import basic
 
-# `auto` switches from xla to flash at this many tokens per row. On 2 CPU cores,
-# one layer's forward + backward (batch 1, 8 heads, head_dim 16) takes the same
-# time either way near 1024 tokens; from 2048 on flash is faster and its memory
-# linear, while below 1024 the XLA path is faster.
+# `auto` (off cuDNN) runs flash from this many tokens per row, where the XLA path's
+# float32 [b, heads, T, T] scores (16 MiB per head and row at 2048, 256 MiB at 8192)
+# outgrow the layer's other activations. Shorter rows keep the XLA reference path:
+# flash measures faster on CPU there too, but its sequential loop over block pairs is
+# unmeasured against XLA's fused softmax on GPU.
 AUTO_FLASH_MIN_LENGTH = 2048
 
 
