@@ -82,8 +82,8 @@ def model_config() -> ml_collections.ConfigDict:
   # cudnn (cuDNN fused attention; CUDA GPUs, bf16/fp16) | auto (cudnn where it applies,
   # else flash from 2048 tokens and xla below). Cached decoding has its own path.
   c.attention.impl = "auto"
-  c.attention.flash_block_q = 512  # flash: query tokens per block (capped at the length)
-  c.attention.flash_block_kv = 512  # flash: key tokens per block (capped at the length)
+  c.attention.flash_block_q = 256  # flash: query tokens per block (capped at the length)
+  c.attention.flash_block_kv = 256  # flash: key tokens per block (capped at the length)
 
   c.mlp = ml_collections.ConfigDict()
   c.mlp.d_ff = 512

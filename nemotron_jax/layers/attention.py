@@ -217,7 +217,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: float,
-                    window: int = 0, block_q: int = 512, block_kv: int = 512):
+                    window: int = 0, block_q: int = 256, block_kv: int = 256):
   """Blockwise causal GQA attention: q [b T h d], k, v [b T kv d] -> [b T h d].
 
   The mask is the reference's (`attention_mask` on absolute indices): key t'
