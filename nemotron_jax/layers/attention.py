@@ -221,8 +221,8 @@ def flash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, scale: 
   """Blockwise causal GQA attention: q [b T h d], k, v [b T kv d] -> [b T h d].
 
   The mask is the reference's (`attention_mask` on absolute indices): key t'
-  is visible from query t when t' <= t, their segment ids match (when
-  given) and, with a window, t - t' < window. Scores are float32 under an
+  is visible from query t when t' <= t, their segment ids match (q_segment_ids,
+  kv_segment_ids [b T], both or neither) and, with a window, t - t' < window. Scores are float32 under an
   online softmax over the key blocks of `block_schedule`; the query heads
   sharing a key head are one [kv, h / kv] group, so K and V are never
   repeated. Blocks are capped at T and the tail is padded and masked. A row
