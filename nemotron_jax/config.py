@@ -22,6 +22,7 @@ SSD_IMPLS = ("xla", "pallas", "sequential")
 SSD_KERNEL_PRECISIONS = ("float32", "tf32", "bf16")
 MOE_IMPLS = ("auto", "ragged", "blocked", "dense")
 POS_EMBS = ("none", "rope")
+ATTENTION_IMPLS = ("auto", "xla", "flash", "cudnn")
 RECIPES = ("none", "bf16", "fp8_tensorwise", "fp8_blockwise", "mxfp8", "nvfp4")
 
 
@@ -76,6 +77,13 @@ def model_config() -> ml_collections.ConfigDict:
   c.attention.pos_emb = "none"
   c.attention.rope_theta = 10000.0
   c.attention.sliding_window = 0  # 0: global attention.
+  # Uncached (training / prefill) attention: xla (jax.nn.dot_product_attention, float32
+  # [b, heads, T, T] scores) | flash (blockwise, memory linear in T, any backend) |
+  # cudnn (cuDNN fused attention; CUDA GPUs, bf16/fp16) | auto (cudnn where it applies,
+  # else flash from 2048 tokens and xla below). Cached decoding has its own path.
+  c.attention.impl = "auto"
+  c.attention.flash_block_q = 256  # flash: query tokens per block (capped at the length)
+  c.attention.flash_block_kv = 256  # flash: key tokens per block (capped at the length)
 
   c.mlp = ml_collections.ConfigDict()
   c.mlp.d_ff = 512
@@ -293,7 +301,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   if "*" in pattern:
     a = m.attention
     q = p + "attention."
-    _positive_int(a, q, "num_heads", "num_kv_heads", "head_dim")
+    _positive_int(a, q, "num_heads", "num_kv_heads", "head_dim", "flash_block_q", "flash_block_kv")
+    _choice(a, q, "impl", ATTENTION_IMPLS)
     if a.num_heads % a.num_kv_heads:
       _fail(q + "num_kv_heads", a.num_kv_heads,
             f"attention.num_heads ({a.num_heads}) must be divisible by num_kv_heads")
