@@ -80,7 +80,7 @@ def model_config() -> ml_collections.ConfigDict:
   # Uncached (training / prefill) attention: xla (jax.nn.dot_product_attention, float32
   # [b, heads, T, T] scores) | flash (blockwise, memory linear in T, any backend) |
   # cudnn (cuDNN fused attention; CUDA GPUs, bf16/fp16) | auto (cudnn where it applies,
-  # else flash from 2048 tokens and xla below). Cached decoding has its own path.
+  # but not for packed rows from 2048 tokens; else flash from 2048 tokens and xla below). Cached decoding has its own path.
   c.attention.impl = "auto"
   c.attention.flash_block_q = 256  # flash: query tokens per block (capped at the length)
   c.attention.flash_block_kv = 256  # flash: key tokens per block (capped at the length)

@@ -123,6 +123,16 @@ def test_sliding_window_iterates_blocks_linear_in_length():
   assert _scan_lengths(1024, window=0)[0] == 16 * 17 // 2
 
 
+def test_auto_on_a_cudnn_gpu_keeps_long_packed_rows_off_cudnn(monkeypatch):
+  """Where cuDNN applies, auto takes it, except for packed documents from the flash length
+  (cuDNN would get them as a [b 1 T T] mask)."""
+  monkeypatch.setattr(attn, "_cudnn_misfit", lambda dtype, head_dim: None)
+  long = attn.AUTO_FLASH_MIN_LENGTH
+  assert attn.select_impl("auto", long, jnp.bfloat16, 128) == "cudnn"
+  assert attn.select_impl("auto", long // 2, jnp.bfloat16, 128, segmented=True) == "cudnn"
+  assert attn.select_impl("auto", long, jnp.bfloat16, 128, segmented=True) == "flash"
+
+
 def test_auto_keeps_short_rows_on_xla_and_long_ones_on_flash():
   c = config_lib.load_config("configs/tiny.py")
   a = c.model.attention

@@ -253,20 +253,23 @@ def _cudnn_misfit(dtype, head_dim: int) -> str | None:
   return None
 
 
-def select_impl(impl: str, length: int, dtype, head_dim: int) -> str:
+def select_impl(impl: str, length: int, dtype, head_dim: int, segmented: bool = False) -> str:
   """The implementation `impl` runs as for rows of `length` tokens: xla, flash or cudnn.
 
-  auto: cudnn on a GPU where it applies; else flash from AUTO_FLASH_MIN_LENGTH
-  tokens, xla below. cudnn where it cannot run is a ConfigError.
+  auto: cudnn on a GPU where it applies, except for packed documents (segmented)
+  from AUTO_FLASH_MIN_LENGTH tokens, since cuDNN takes them as a [b 1 T T] mask,
+  quadratic in T; else flash from AUTO_FLASH_MIN_LENGTH tokens, xla below.
+  cudnn where it cannot run is a ConfigError.
   """
   misfit = _cudnn_misfit(dtype, head_dim) if impl in ("cudnn", "auto") else None
   if impl == "cudnn" and misfit:
     raise ConfigError(f"config field 'model.attention.impl' = 'cudnn' cannot run: {misfit}; "
                       "expected xla, flash or auto here")
   if impl == "auto":
-    if not misfit:
+    long = length >= AUTO_FLASH_MIN_LENGTH
+    if not misfit and not (segmented and long):
       return "cudnn"
-    return "flash" if length >= AUTO_FLASH_MIN_LENGTH else "xla"
+    return "flash" if long else "xla"
   return impl
 
 
@@ -344,7 +347,7 @@ class Attention(nn.Module):
                    else positions_from_segments(segment_ids))
       if a.pos_emb == "rope":
         q, k = apply_rope(q, positions, a.rope_theta), apply_rope(k, positions, a.rope_theta)
-      impl = select_impl(a.impl, l, dtype, hd)
+      impl = select_impl(a.impl, l, dtype, hd, segmented=segment_ids is not None)
       if impl == "flash":
         out = flash_attention(q, k, v, segment_ids, segment_ids, scale=hd ** -0.5,
                               window=a.sliding_window, block_q=a.flash_block_q,
