@@ -11,6 +11,11 @@ Train section: the published pretraining recipe (AdamW 0.9/0.95, weight decay
 0.1, WSD with a flat peak of 1e-3 for 80% of the steps, decay to 1e-5,
 8192 x 3072 tokens per batch, init std ~0.017). The warmup length, the decay
 shape and the number of steps are not published in our notes: placeholders.
+
+Launch setting: 64 devices of 80 GB (8 nodes of 8 GPUs), mesh fsdp 8 x
+expert 8 (16 experts per device), the 3072-row batch as 48 microbatches of
+one row per device. `python benchmarks/memory_fit.py --models nano --preset`
+measures it: see the README's "Memory at scale".
 """
 
 from nemotron_jax.config import default_config
@@ -35,6 +40,8 @@ def get_config():
   m.moe.n_group, m.moe.topk_group = 1, 1
   c.data.seq_len = 8192
   c.train.batch_size = 3072
+  c.train.grad_accum_steps = 48
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 8, 8
   c.train.lr = 1e-3
   c.train.schedule, c.train.decay_shape = "wsd", "linear"
   c.train.decay_fraction = 0.2

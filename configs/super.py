@@ -13,7 +13,13 @@ Unverified here: whether routing is group-limited (n_group / topk_group are
 not in our notes; set to 1, which changes no parameter count).
 
 Train section: the published peak learning rate 4.5e-4 with a minus-sqrt
-decay and init std 0.014; warmup, decay length and steps are placeholders.
+decay and init std 0.014; warmup, decay length and steps are placeholders,
+and so is the batch: Nano's published 3072 x 8192 tokens.
+
+Launch setting: 128 devices of 80 GB (16 nodes of 8 GPUs), mesh fsdp 2 x
+expert 64 (8 experts per device), the 3072-row batch as 24 microbatches of
+one row per device. `python benchmarks/memory_fit.py --models super --preset`
+measures it: see the README's "Memory at scale".
 """
 
 from nemotron_jax.config import default_config
@@ -40,6 +46,9 @@ def get_config():
   m.moe.n_group, m.moe.topk_group = 1, 1
   m.mtp.num_depths, m.mtp.pattern, m.mtp.share_weights = 2, "*E", True
   c.data.seq_len = 8192
+  c.train.batch_size = 3072
+  c.train.grad_accum_steps = 24
+  c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 2, 64
   c.train.lr = 4.5e-4
   c.train.schedule, c.train.decay_shape = "wsd", "minus_sqrt"
   return c

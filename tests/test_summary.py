@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +35,22 @@ def counts(name):
 @pytest.mark.parametrize("name", PRESETS + ("tiny", "small"))
 def test_presets_validate(name):
   preset(name)  # load_config validates every section
+
+
+@pytest.mark.parametrize("name, devices", [("nano", 64), ("super", 128), ("nemotron_h_8b", 64)])
+def test_published_presets_launch_one_row_per_device_per_microbatch(name, devices):
+  """The launch settings stated in the presets (measured by benchmarks/memory_fit.py --preset):
+  the mesh's device count, a global batch the mesh and accumulation divide, one row per
+  device per microbatch, and rules that accept the mesh."""
+  from nemotron_jax import sharding
+  c = preset(name)
+  sizes = tuple(c.mesh[a] for a in sharding.MESH_AXES)
+  mesh = jax.sharding.AbstractMesh(sizes, sharding.MESH_AXES)
+  assert math.prod(sizes) == devices
+  sharding.check_batch(c.train.batch_size, mesh, c.train.grad_accum_steps)
+  shards = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+  assert c.train.batch_size == 3072 and c.train.batch_size // c.train.grad_accum_steps == shards
+  sharding.rules(c.model, mesh)
 
 
 # NVIDIA's figures, rounded to 0.1B (NEMOTRON.md §3).
