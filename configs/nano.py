@@ -12,9 +12,10 @@ Train section: the published pretraining recipe (AdamW 0.9/0.95, weight decay
 8192 x 3072 tokens per batch, init std ~0.017). The warmup length, the decay
 shape and the number of steps are not published in our notes: placeholders.
 
-Launch setting: 64 devices of 80 GB (8 nodes of 8 GPUs), mesh fsdp 8 x
-expert 8 (16 experts per device), the 3072-row batch as 48 microbatches of
-one row per device. `python benchmarks/memory_fit.py --models nano --preset`
+Launch setting: 64 devices of 80 GB (8 nodes of 8 GPUs), mesh expert 8 x
+tensor 8 (16 experts per expert shard, tensor parallel inside a node), the
+3072-row batch as 384 microbatches of one row per batch shard: 39.7 GB peak
+per device. `python benchmarks/memory_fit.py --models nano --preset`
 measures it: see the README's "Memory at scale".
 """
 
@@ -40,8 +41,8 @@ def get_config():
   m.moe.n_group, m.moe.topk_group = 1, 1
   c.data.seq_len = 8192
   c.train.batch_size = 3072
-  c.train.grad_accum_steps = 48
-  c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 8, 8
+  c.train.grad_accum_steps = 384
+  c.mesh.data, c.mesh.expert, c.mesh.tensor = 1, 8, 8
   c.train.lr = 1e-3
   c.train.schedule, c.train.decay_shape = "wsd", "linear"
   c.train.decay_fraction = 0.2

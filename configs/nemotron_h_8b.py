@@ -5,8 +5,8 @@ Dimensions from NVIDIA's published config (Megatron-Bridge
 Mamba-2 128 heads x 64 with d_state 128 in 8 groups, FFN 21504, vocabulary
 131072. The train section is a placeholder (the pretraining recipe is not
 part of this preset) except for the launch setting: Nano's 3072 x 8192-token
-batch on 64 devices of 80 GB (8 nodes of 8 GPUs), mesh data 8 x fsdp 8, as 48
-microbatches of one row per device. `python benchmarks/memory_fit.py --models
+batch on 64 devices of 80 GB (8 nodes of 8 GPUs), mesh fsdp 8 x tensor 8, as
+384 microbatches of one row per batch shard: 26.6 GB peak per device. `python benchmarks/memory_fit.py --models
 nemotron_h_8b --preset` measures it: see the README's "Memory at scale".
 """
 
@@ -28,6 +28,6 @@ def get_config():
   m.mlp.d_ff = 21504
   c.data.seq_len = 8192
   c.train.batch_size = 3072
-  c.train.grad_accum_steps = 48
-  c.mesh.data, c.mesh.fsdp = 8, 8
+  c.train.grad_accum_steps = 384
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 8
   return c

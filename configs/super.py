@@ -16,9 +16,10 @@ Train section: the published peak learning rate 4.5e-4 with a minus-sqrt
 decay and init std 0.014; warmup, decay length and steps are placeholders,
 and so is the batch: Nano's published 3072 x 8192 tokens.
 
-Launch setting: 128 devices of 80 GB (16 nodes of 8 GPUs), mesh fsdp 2 x
-expert 64 (8 experts per device), the 3072-row batch as 24 microbatches of
-one row per device. `python benchmarks/memory_fit.py --models super --preset`
+Launch setting: 256 devices of 80 GB (32 nodes of 8 GPUs), mesh expert 32 x
+tensor 8 (16 experts per expert shard, tensor parallel inside a node), the
+3072-row batch as 96 microbatches of one row per batch shard: 92.1 GB peak
+per device by the memory report, so 141 GB devices (H200), not 80 GB ones. `python benchmarks/memory_fit.py --models super --preset`
 measures it: see the README's "Memory at scale".
 """
 
@@ -47,8 +48,8 @@ def get_config():
   m.mtp.num_depths, m.mtp.pattern, m.mtp.share_weights = 2, "*E", True
   c.data.seq_len = 8192
   c.train.batch_size = 3072
-  c.train.grad_accum_steps = 24
-  c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 2, 64
+  c.train.grad_accum_steps = 96
+  c.mesh.data, c.mesh.expert, c.mesh.tensor = 1, 32, 8
   c.train.lr = 4.5e-4
   c.train.schedule, c.train.decay_shape = "wsd", "minus_sqrt"
   return c

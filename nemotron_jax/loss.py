@@ -20,7 +20,8 @@ from nemotron_jax.layers import basic
 
 
 class HeadLoss(NamedTuple):
-  """Sums over the masked positions: negative log-likelihood (nats), tokens, argmax hits."""
+  """Sums over the masked positions: negative log-likelihood (nats), tokens, argmax hits
+  (zero when not asked for)."""
   nll: jax.Array
   count: jax.Array
   hits: jax.Array
@@ -35,18 +36,21 @@ def logits(h: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
   return x
 
 
-def logits_loss(x: jax.Array, targets: jax.Array, mask: jax.Array) -> HeadLoss:
+def logits_loss(x: jax.Array, targets: jax.Array, mask: jax.Array, hits: bool = False) -> HeadLoss:
   """HeadLoss of float32 logits x [b l V] against targets [b l] weighted by mask [b l]."""
   lse = jax.nn.logsumexp(x, axis=-1)
   target = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
-  hit = (jnp.argmax(jax.lax.stop_gradient(x), -1) == targets).astype(jnp.float32)
-  return HeadLoss(jnp.sum((lse - target) * mask), jnp.sum(mask), jnp.sum(hit * mask))
+  hit = jnp.zeros((), jnp.float32)
+  if hits:
+    hit = jnp.sum((jnp.argmax(jax.lax.stop_gradient(x), -1) == targets) * mask)
+  return HeadLoss(jnp.sum((lse - target) * mask), jnp.sum(mask), hit)
 
 
 def head_loss(h: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Array, *,
-              dtype, chunk: int) -> HeadLoss:
+              dtype, chunk: int, hits: bool = False) -> HeadLoss:
   """HeadLoss of hidden states h [b l d] through the LM head kernel [d V].
 
+  hits: also count the positions whose argmax is the target.
   chunk: positions per chunk along the length; 0, or a chunk covering the
   whole length, computes the full logits at once (the fastest path for
   short rows). Otherwise the length is padded to a multiple of the chunk
@@ -55,7 +59,7 @@ def head_loss(h: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Arr
   b, l, d = h.shape
   mask = mask.astype(jnp.float32)
   if not chunk or chunk >= l:
-    return logits_loss(logits(h, kernel, dtype), targets, mask)
+    return logits_loss(logits(h, kernel, dtype), targets, mask, hits)
   pad = (-l) % chunk
   if pad:
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
@@ -67,7 +71,7 @@ def head_loss(h: jax.Array, kernel: jax.Array, targets: jax.Array, mask: jax.Arr
   def body(kernel, xs):
     hc, tc, mc = xs
     hc = nn.with_logical_constraint(hc, ("batch", "length", "act_embed"))
-    return logits_loss(logits(hc, kernel, dtype), tc, mc)
+    return logits_loss(logits(hc, kernel, dtype), tc, mc, hits)
 
   def step(carry, xs):
     return jax.tree.map(jnp.add, carry, body(kernel, xs)), None

@@ -258,7 +258,7 @@ class Trainer:
                                      mutable=list(mutable), rngs=rngs,
                                      method=NemotronH.hidden_states)
       main = head(h, targets=batch["targets"], mask=batch["loss_mask"])
-      depths = [head(hk, targets=t, mask=mk)
+      depths = [head(hk, targets=t, mask=mk, hits=True)
                 for hk, (t, mk) in zip(mtp_h, (mtp_targets(batch, k)
                                                for k in range(1, len(mtp_h) + 1)))]
     stats = cols.get("moe_stats", {})

@@ -25,7 +25,8 @@ def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
   kernel = jnp.asarray(rng.normal(size=(d, v)) * 0.3, jnp.float32)
   targets = jnp.asarray(rng.integers(0, v, (b, l)), jnp.int32)
   mask = jnp.asarray(rng.random((b, l)) > 0.2, jnp.float32)
-  ours = lambda h, k: loss_lib.head_loss(h, k, targets, mask, dtype=jnp.float32, chunk=chunk)
+  ours = lambda h, k: loss_lib.head_loss(h, k, targets, mask, dtype=jnp.float32, chunk=chunk,
+                                        hits=True)
   out = jax.jit(ours)(h, kernel)
   np.testing.assert_allclose(out.nll, plain_loss(h, kernel, targets, mask), rtol=1e-6)
   assert out.count == mask.sum()

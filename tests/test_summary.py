@@ -37,7 +37,7 @@ def test_presets_validate(name):
   preset(name)  # load_config validates every section
 
 
-@pytest.mark.parametrize("name, devices", [("nano", 64), ("super", 128), ("nemotron_h_8b", 64)])
+@pytest.mark.parametrize("name, devices", [("nano", 64), ("super", 256), ("nemotron_h_8b", 64)])
 def test_published_presets_launch_one_row_per_device_per_microbatch(name, devices):
   """The launch settings stated in the presets (measured by benchmarks/memory_fit.py --preset):
   the mesh's device count, a global batch the mesh and accumulation divide, one row per
