@@ -36,7 +36,7 @@ class Terms(NamedTuple):
   and the mutable collections of the forward (None once accumulated)."""
   main: loss_lib.HeadLoss
   depths: list
-  loads: list
+  loads: dict
   balance: jax.Array
   dropped: Any
   copies: Any
@@ -115,12 +115,12 @@ def _moe_layers(stats, path=()):
       yield from _moe_layers(sub, path + (name,))
 
 
-def moe_stats_summary(stats) -> tuple[list, jax.Array]:
-  """Per-layer loads (paths such as ("layers_3",) or ("mtp_0", "layers_1")) and the summed
-  balancing loss."""
-  loads, balance = [], jnp.zeros((), jnp.float32)
+def moe_stats_summary(stats) -> tuple[dict, jax.Array]:
+  """Per-layer loads {path such as ("layers_3",) or ("mtp_0", "layers_1"): [experts]} and the
+  summed balancing loss."""
+  loads, balance = {}, jnp.zeros((), jnp.float32)
   for path, layer in _moe_layers(stats):
-    loads.append((path, sum(layer["load"])))
+    loads[path] = sum(layer["load"])
     balance = balance + sum(layer["balance_loss"])
   return loads, balance
 
@@ -134,7 +134,10 @@ def moe_drop_counts(stats) -> tuple[jax.Array, jax.Array]:
 
 
 def update_expert_bias(moe_state, loads: dict, rate: float):
-  """loads: {path to a MoE block: its load [experts]}. bias_i += rate * sign(mean load - load_i): under-loaded experts become likelier."""
+  """bias_i += rate * sign(mean load - load_i): under-loaded experts become likelier.
+
+  loads: {path to a MoE block: its load [experts]}, as `moe_stats_summary` gives them.
+  """
   new = jax.tree.map(lambda x: x, moe_state)
   for path, load in loads.items():
     old, dst = moe_state, new
@@ -258,12 +261,12 @@ class Trainer:
                                      mutable=list(mutable), rngs=rngs,
                                      method=NemotronH.hidden_states)
       main = head(h, targets=batch["targets"], mask=batch["loss_mask"])
-      depths = [head(hk, targets=t, mask=mk, hits=True)
-                for hk, (t, mk) in zip(mtp_h, (mtp_targets(batch, k)
-                                               for k in range(1, len(mtp_h) + 1)))]
+      depths = []
+      for k, hk in enumerate(mtp_h, start=1):
+        targets, mask = mtp_targets(batch, k)
+        depths.append(head(hk, targets=targets, mask=mask, hits=True))
     stats = cols.get("moe_stats", {})
     loads, balance = moe_stats_summary(stats)
-    loads = dict(loads)
     dropped, copies = moe_drop_counts(stats) if loads else (None, None)
     return Terms(main, depths, loads, balance, dropped, copies, cols)
 
@@ -308,15 +311,13 @@ class Trainer:
 
     def step(carry, xs):
       j, mb = xs
-      (loss, terms), grads = grad_fn(state.params, mb, jax.random.fold_in(rng, j))
-      return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
+      out = grad_fn(state.params, mb, jax.random.fold_in(rng, j))
+      return jax.tree.map(jnp.add, carry, out), None
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                          jax.eval_shape(grad_fn, state.params, first, rng))
-    (loss, terms), grads = zeros
-    (loss, terms, grads), _ = jax.lax.scan(step, (loss, terms, grads),
-                                           (jnp.arange(micro), micro_batches))
+    ((loss, terms), grads), _ = jax.lax.scan(step, zeros, (jnp.arange(micro), micro_batches))
     return loss, terms, grads
 
   def _train_step(self, state: TrainState, batch, *, model):
