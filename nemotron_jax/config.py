@@ -21,6 +21,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SSD_IMPLS = ("xla", "pallas", "sequential")
 SSD_KERNEL_PRECISIONS = ("float32", "tf32", "bf16")
 MOE_IMPLS = ("auto", "ragged", "blocked", "dense")
+MOE_TENSOR_SPLITS = ("width", "experts")
 POS_EMBS = ("none", "rope")
 ATTENTION_IMPLS = ("auto", "xla", "flash", "cudnn")
 RECIPES = ("none", "bf16", "fp8_tensorwise", "fp8_blockwise", "mxfp8", "nvfp4")
@@ -109,6 +110,13 @@ def model_config() -> ml_collections.ConfigDict:
   # steps, at 2 / expert the buffer of the worst case. None: worst-case buffers
   # (ep times the copies), never dropping.
   c.moe.ep_capacity_factor = config_dict.FieldReference(2.0, field_type=float)
+  # What mesh.tensor splits of the routed experts. "width": each expert's d_ff, so a
+  # tensor group holds the same experts and every device of it routes, sends and
+  # receives all of its tokens' copies. "experts": the experts themselves, over
+  # expert x tensor (each whole), with the tokens split over tensor for the exchange,
+  # so a device handles 1/tensor of the copies (Megatron-LM's expert tensor
+  # parallel size 1).
+  c.moe.tensor_split = "width"
 
   # Multi-token prediction: depth k predicts the token k + 1 ahead from the
   # previous depth's output and the embedding of token t + k (NEMOTRON.md section 2).
@@ -362,6 +370,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
       if e[name] < 0:
         _fail(q + name, e[name], "expected a non-negative number")
     _choice(e, q, "impl", MOE_IMPLS)
+    _choice(e, q, "tensor_split", MOE_TENSOR_SPLITS)
     cf = e.ep_capacity_factor
     if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or cf <= 0):
       _fail(q + "ep_capacity_factor", cf,

@@ -56,17 +56,25 @@ RULES = (
 
 def rules(model_cfg=None, mesh: Mesh | None = None) -> tuple:
   """RULES for a model on a mesh: K/V heads are replicated over `tensor` where its size
-  does not divide model.attention.num_kv_heads (never split inside a head)."""
-  if model_cfg is None or mesh is None or "*" not in (model_cfg.pattern + (
-      model_cfg.mtp.pattern if model_cfg.mtp.num_depths else "")):
+  does not divide model.attention.num_kv_heads (never split inside a head); with
+  model.moe.tensor_split = "experts", routed experts split over expert x tensor and
+  keep their width whole."""
+  if model_cfg is None or mesh is None:
     return RULES
+  table = RULES
+  if model_cfg.moe.tensor_split == "experts":
+    # `expert_mlp` then finds `tensor` taken by `exp` and stays whole.
+    table = tuple((name, ("expert", "tensor") if name == "exp" else axes)
+                  for name, axes in table)
+  if "*" not in model_cfg.pattern + (model_cfg.mtp.pattern if model_cfg.mtp.num_depths else ""):
+    return table
   a, tensor = model_cfg.attention, mesh.shape["tensor"]
   if a.num_heads % tensor:
     raise ConfigError(f"mesh.tensor = {tensor} must divide model.attention.num_heads = "
                       f"{a.num_heads}; pick a tensor size that divides it")
   if a.num_kv_heads % tensor == 0:
-    return RULES
-  return tuple((name, None if name in ("kv", "kv_heads") else axes) for name, axes in RULES)
+    return table
+  return tuple((name, None if name in ("kv", "kv_heads") else axes) for name, axes in table)
 
 
 def spec(logical, rules=None, keep=None) -> P:

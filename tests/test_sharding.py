@@ -36,8 +36,9 @@ def batch():
           "loss_mask": np.ones((8, 16), np.float32)}
 
 
-def one_step(shape, devices=None):
+def one_step(shape, devices=None, tensor_split="width"):
   c = mesh_config(shape)
+  c.model.moe.tensor_split = tensor_split
   mesh = sharding.make_mesh(c.mesh, devices)
   trainer = Trainer(c, build_model(c), mesh)
   state = trainer.init_state(0)
@@ -92,6 +93,23 @@ def test_sharded_step_matches_unsharded(shape, reference):
   assert opt_mu.sharding.spec == P("expert", "fsdp", "tensor")
 
 
+def test_experts_split_over_tensor_match_unsharded(reference):
+  """moe.tensor_split = "experts" on expert 4 x tensor 2: each device holds one whole expert
+  and routes an eighth of the tokens; the step equals the unsharded one."""
+  ref_state, ref_metrics = reference
+  state, metrics = one_step((1, 1, 2, 4), tensor_split="experts")
+  assert metrics["moe_dropped_fraction"] == 0.0
+  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
+               jax.device_get(state.params), ref_state.params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.moe_state),
+               ref_state.moe_state)
+  up = state.params["layers_3"]["mixer"]["experts_up"]
+  assert up.sharding.spec == P(("expert", "tensor"), "fsdp", None)
+  assert up.addressable_shards[0].data.shape == (1, *up.shape[1:])
+
+
 def test_mesh_errors_name_the_problem():
   c = mesh_config((3, 1, 1, 1))
   with pytest.raises(ConfigError, match="has 3 devices but there are 8"):
@@ -143,15 +161,17 @@ COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (all-gather|all-reduc
 SHAPE = re.compile(r"\w+\[([\d,]*)\]")
 
 
-def moe_step(shape, *, latent=None):
-  """The compiled train step of a two-layer MoE model on a mesh of `shape`."""
+def moe_step(shape, *, latent=None, tensor_split="width"):
+  """The compiled train step of a two-layer MoE model on a mesh of `shape`, ROWS rows per
+  batch shard."""
   c = tiny_config("EE", {"moe.num_experts": 16, "moe.top_k": TOP_K, "moe.d_ff": 16,
-                         "moe.shared_d_ff": 40, "moe.latent_size": latent})
+                         "moe.shared_d_ff": 40, "moe.latent_size": latent,
+                         "moe.tensor_split": tensor_split})
   c.data.seq_len = SEQ
   for axis, size in zip(sharding.MESH_AXES, shape):
     c.mesh[axis] = size
   n = math.prod(shape)
-  c.train.batch_size = ROWS * n
+  c.train.batch_size = ROWS * n // shape[2]
   trainer = Trainer(c, build_model(c), sharding.make_mesh(c.mesh, jax.devices()[:n]))
   return trainer.compile_train_step()
 
@@ -186,6 +206,21 @@ def test_moe_runs_per_shard(shape, bound, one_device_moe):
     # the worst case of all 512.
     a2a = {dims for dims in found["all-to-all"] if len(dims) == 3}
     assert a2a == {(1, 128, 32)}, a2a
+
+
+def test_experts_split_over_tensor_exchange_a_tensor_share_of_the_copies():
+  """Expert 2 x tensor 4: splitting the width leaves every device of a tensor group with all
+  its 128 tokens' 512 copies (capacity ceil(2.0 * 512 / 2) = 512 rows per destination);
+  splitting the experts over all 8 devices gives each 32 tokens, 128 copies and
+  ceil(2.0 * 128 / 8) = 32 rows per destination, and less temp."""
+  shape = (1, 1, 4, 2)
+  width, experts = moe_step(shape), moe_step(shape, tensor_split="experts")
+  rows = lambda compiled: {dims for dims in collective_dims(compiled)["all-to-all"]
+                           if len(dims) == 3}
+  assert rows(width) == {(1, 512, 32)} and rows(experts) == {(1, 32, 32)}
+  ratio = (experts.memory_analysis().temp_size_in_bytes
+           / width.memory_analysis().temp_size_in_bytes)
+  assert ratio <= 0.5, f"splitting the experts over tensor keeps {ratio:.2f}x the temp"
 
 
 def test_latent_moe_parameters_split_eight_ways():

@@ -269,17 +269,18 @@ def expert_parallel_experts(x, weights, experts, up, down, *, axis: str, capacit
 
 
 def routed_moe(x, h, router, bias, up, down, *, cfg, gmm: Callable = plain_gmm,
-               token_axes: tuple = (), expert_axis: str | None = None, tensor_axes: tuple = (),
-               capacity: int | None = None):
+               token_axes: tuple = (), expert_axis: str | tuple | None = None,
+               tensor_axes: tuple = (), capacity: int | None = None):
   """Routing, experts and statistics of one shard's tokens (the body of MoE's shard_map).
 
   x [t d] feeds the router, h [t w] the experts (w = latent_size for LatentMoE);
   router [d e] and bias [e] are whole, up [e' w f'] / down [e' f' w] this shard's
   experts (e' = e / expert) and expert width (f' = d_ff / tensor). token_axes:
   the mesh axes the tokens are split over (statistics are summed over them);
-  expert_axis: where experts are split, exchanging tokens by all-to-all with
-  `capacity` rows per destination when the tokens are split too, or running the
-  local experts on every (replicated) token and summing otherwise; tensor_axes:
+  expert_axis: the mesh axis, or axes (major first), the experts are split over,
+  exchanging tokens by all-to-all with `capacity` rows per destination when the
+  tokens are split over them too, or running the local experts on every
+  (replicated) token and summing otherwise; tensor_axes:
   where the expert width is split (partial outputs summed).
   -> (routed [t w] float32, load [e], balance loss, dropped copies), the last
   three global.
@@ -295,9 +296,11 @@ def routed_moe(x, h, router, bias, up, down, *, cfg, gmm: Callable = plain_gmm,
   share = psum(jnp.sum(scores / scores.sum(-1, keepdims=True), axis=0), token_axes)
   balance = balance_loss_from_sums(share, load, num_tokens, cfg.top_k)
   dropped = jnp.zeros((), jnp.float32)
+  if isinstance(expert_axis, str):
+    expert_axis = (expert_axis,)
   if expert_axis is None:
     routed = ragged_experts(h, weights, experts, up, down, gmm=gmm)
-  elif expert_axis in token_axes:
+  elif set(expert_axis) <= set(token_axes):
     routed, dropped = expert_parallel_experts(h, weights, experts, up, down, axis=expert_axis,
                                               capacity=capacity, gmm=gmm)
     dropped = psum(dropped, token_axes)
@@ -393,22 +396,25 @@ class MoE(nn.Module):
                  for entry in sharding.spec(logical, rules, keep)]
       return P(*entries)
 
-    tokens = spec(("batch", None))
-    token_axes = sharding.spec_axes(tokens[0])
-    if x.shape[0] % math.prod(mesh.shape[a] for a in token_axes):
-      # Too few tokens to split (decoding a small batch): every shard sees all of them.
-      tokens, token_axes = P(None, None), ()
     kept = ("exp", "expert_mlp")
     up_spec = spec(("exp", axis, "expert_mlp"), kept)
     down_spec = spec(("exp", "expert_mlp", axis), kept)
     expert_axes = sharding.spec_axes(up_spec[0])
-    if len(expert_axes) > 1:
-      raise ValueError(f"the rules split experts over {expert_axes}; expected one mesh axis")
-    expert_axis = expert_axes[0] if expert_axes else None
+    # Tokens split like the batch and, for the exchange, over any further axis the experts
+    # split over (tensor, with moe.tensor_split = "experts"), where the tokens are
+    # replicated: each device then routes and sends its own slice of them.
+    token_axes = sharding.spec_axes(spec(("batch", None))[0])
+    token_axes += tuple(a for a in expert_axes if a not in token_axes)
+    size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+    if x.shape[0] % size(token_axes):
+      # Too few tokens to split (decoding a small batch): every shard sees all of them.
+      token_axes = ()
+    tokens = P(token_axes or None, None)
+    expert_axis = expert_axes or None
     capacity = None
-    if expert_axis is not None and expert_axis in token_axes:
-      copies = x.shape[0] // math.prod(mesh.shape[a] for a in token_axes) * e.top_k
-      capacity = ep_capacity(copies, mesh.shape[expert_axis], e.ep_capacity_factor)
+    if expert_axis is not None and token_axes:
+      copies = x.shape[0] // size(token_axes) * e.top_k
+      capacity = ep_capacity(copies, size(expert_axes), e.ep_capacity_factor)
     body = functools.partial(body, token_axes=token_axes, expert_axis=expert_axis,
                              tensor_axes=sharding.spec_axes(up_spec[2]), capacity=capacity)
     if self.cfg.remat:
