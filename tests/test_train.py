@@ -77,16 +77,50 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(reference, tmp_path):
-  workdir = str(tmp_path)
+def start_two_processes(workdir, *extra):
   address = f"127.0.0.1:{free_port()}"
-  procs = [subprocess.Popen(command(workdir, f"--coordinator_address={address}",
-                                    "--num_processes=2", f"--process_id={i}"),
-                            env=environment(2), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  return [subprocess.Popen(command(workdir, f"--coordinator_address={address}",
+                                   "--num_processes=2", f"--process_id={i}", *extra),
+                           env=environment(2), cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def wait_for_steps(procs, metrics, count):
+  """Until `metrics` has `count` records, or a process has ended."""
+  deadline = time.time() + 600
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if os.path.exists(metrics):
+      with open(metrics) as f:
+        if sum(1 for _ in f) >= count:
+          return
+    time.sleep(0.02)
+
+
+def stopped_step(out, signal_name):
+  stopped = [line for line in out.splitlines()
+             if line.startswith(f"stopped by {signal_name} after step")]
+  assert stopped, out[-3000:]
+  return int(stopped[0].split()[5].rstrip(";"))
+
+
+def test_two_processes_match_one_through_sigint(reference, tmp_path):
+  """Two processes train the one-process trajectory. A Ctrl-C reaching one of them stops
+  both after the same step (they agree at the next host sync), saved; the rerun resumes."""
+  workdir = str(tmp_path)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  procs = start_two_processes(workdir)
+  wait_for_steps(procs, metrics, 10)
+  procs[1].send_signal(signal.SIGINT)
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
+  step = stopped_step(outputs[0][0], "SIGINT")
+  assert 10 <= step < 24 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+  procs = start_two_processes(workdir)
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert f"resumed from step {step}" in outputs[0][0]
   steps, values = losses(workdir)
   assert steps == list(range(1, 25))
   # Same global batch and computation; only the order of cross-process sums differs.
@@ -193,19 +227,11 @@ def test_sigterm_saves_and_resume_is_exact(reference, tmp_path):
   proc = subprocess.Popen(command(workdir), env=environment(4), cwd=ROOT, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
   metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics):
-      with open(metrics) as f:
-        if sum(1 for _ in f) >= 10:
-          break
-    time.sleep(0.02)
+  wait_for_steps([proc], metrics, 10)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out[-3000:]
-  stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM after step")]
-  assert stopped, out[-3000:]
-  step = int(stopped[0].split()[5].rstrip(";"))
+  step = stopped_step(out, "SIGTERM")
   assert 10 <= step < 24 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
   # The resumed run also evaluates every 8 steps, which must not change training.
   resumed = run(workdir, "--config.train.eval_every=8")
@@ -239,21 +265,9 @@ def test_resume_on_two_processes_and_another_mesh(reference_run, tmp_path):
   with open(metrics, "w") as f:
     f.writelines(kept)
 
-  def start(*extra):
-    address = f"127.0.0.1:{free_port()}"
-    return [subprocess.Popen(command(workdir, f"--coordinator_address={address}",
-                                     "--num_processes=2", f"--process_id={i}",
-                                     "--config.mesh.fsdp=2", *extra),
-                             env=environment(2), cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(2)]
-
+  start = lambda *extra: start_two_processes(workdir, "--config.mesh.fsdp=2", *extra)
   procs = start()
-  deadline = time.time() + 600
-  while time.time() < deadline and all(p.poll() is None for p in procs):
-    with open(metrics) as f:
-      if sum(1 for _ in f) >= 10:
-        break
-    time.sleep(0.02)
+  wait_for_steps(procs, metrics, 10)
   for p in procs:  # a scheduler preempting the job signals every process
     p.send_signal(signal.SIGTERM)
   outputs = [p.communicate(timeout=600) for p in procs]
@@ -261,9 +275,7 @@ def test_resume_on_two_processes_and_another_mesh(reference_run, tmp_path):
     assert p.returncode == 0, err[-3000:]
   out = outputs[0][0]
   assert "resumed from step 8" in out
-  stopped = [line for line in out.splitlines() if line.startswith("stopped by SIGTERM after step")]
-  assert stopped, out[-3000:]
-  step = int(stopped[0].split()[5].rstrip(";"))
+  step = stopped_step(out, "SIGTERM")
   assert 10 <= step < 24 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
 
   procs = start("--config.train.sample_tokens=4")

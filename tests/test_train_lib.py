@@ -4,6 +4,8 @@ non-finite guard of the step, and the config record of each start."""
 import json
 import math
 import os
+import signal
+import threading
 
 import jax
 import ml_collections
@@ -128,3 +130,20 @@ def test_record_config_keeps_each_start_and_warns_on_schedule_change(tmp_path, c
     assert json.load(f)["train"]["steps"] == 24
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["train"]["decay_fraction"] == 0.8
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signal handlers are installed only from the main thread")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_one_process_stops_on_sigint_and_sigterm(sig):
+  """A Ctrl-C or a scheduler's SIGTERM becomes a request to stop after the current step
+  (train.py then saves and exits 0), not an exception; the previous handler comes back."""
+  before = signal.getsignal(sig)
+  stop = train_loop.StopRequest(manager=None)
+  try:
+    assert not stop(1, sync=True)
+    os.kill(os.getpid(), sig)
+    assert stop(2, sync=False) and stop.signal_name == sig.name
+  finally:
+    stop.restore()
+  assert signal.getsignal(sig) is before
