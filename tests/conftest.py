@@ -16,6 +16,17 @@ from nemotron_jax import config as config_lib
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# The files that take minutes, slowest first. xdist (--dist loadfile) hands whole files
+# to workers in collection order; starting these first keeps one of them from being
+# the last thing a worker runs while the other is idle.
+SLOW_FILES = ("test_train.py", "test_notebooks.py", "test_precision.py", "test_export.py",
+              "test_grad_accum.py", "test_sharding.py", "test_model.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))
+
 
 def tiny_config(pattern: str = "M*-E", overrides: dict | None = None):
   """A model small enough to compile in seconds, with every mixer width distinct."""
