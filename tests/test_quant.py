@@ -221,6 +221,31 @@ def test_hadamard_orthogonal():
   spike = np.zeros((1, 16), np.float32)
   spike[0, 3] = 1
   np.testing.assert_allclose(np.abs(quant.random_hadamard_transform(spike, 1)), 0.25)
+  # The butterflies equal each zero-padded 16-block times the matrix, along either axis.
+  z = rng.standard_normal((3, 37, 5)).astype(np.float32)
+  for axis in (1, 2):
+    moved = np.moveaxis(z, axis, -1)
+    moved = np.pad(moved, [(0, 0), (0, 0), (0, -moved.shape[-1] % 16)])
+    blocks = moved.reshape(*moved.shape[:-1], -1, 16).astype(np.float64)
+    expected = np.moveaxis((blocks @ m.astype(np.float64)).reshape(moved.shape), -1, axis)
+    np.testing.assert_allclose(quant.random_hadamard_transform(z, axis), expected, atol=1e-6)
+
+
+def test_stochastic_rounding_bits_are_uniform_and_keyed():
+  """The counter-based bits: uniform on [0, 1) (mean, variance, a 64-bin histogram),
+  uncorrelated between neighbours, different under another key, the same under the same."""
+  shape = (1024, 1024)
+  u = np.asarray(quant.formats.uniform(jax.random.key(0), shape), np.float64).ravel()
+  assert 0 <= u.min() and u.max() < 1
+  assert abs(u.mean() - 0.5) < 5e-3 and abs(u.var() - 1 / 12) < 5e-3
+  counts = np.histogram(u, 64, (0, 1))[0]
+  chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum()
+  assert chi2 < 120  # 63 degrees of freedom: the 1e-6 tail starts near 125
+  assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 5e-3
+  assert abs(np.corrcoef(u[:-1024], u[1024:])[0, 1]) < 5e-3
+  other = np.asarray(quant.formats.uniform(jax.random.key(1), shape)).ravel()
+  assert abs(np.corrcoef(u, other)[0, 1]) < 5e-3
+  np.testing.assert_array_equal(u, quant.formats.uniform(jax.random.key(0), shape).ravel())
 
 
 # --- quantised matmuls ---

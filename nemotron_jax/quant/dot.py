@@ -113,19 +113,26 @@ def _qdot(r, x, w, key):
   return _qdot_fwd(r, x, w, key)[0]
 
 
+def _weight_reused(r) -> bool:
+  """Whether dgrad's quantised weight is the forward's: square blocks, or one scale for the
+  whole tensor, do not depend on the GEMM's contraction axis."""
+  return r.weight is not None and (r.weight_2d or FORMATS[r.weight].block is None)
+
+
 def _qdot_fwd(r, x, w, key):
   xq = _operand(x, r.act, axis=-1)
   wq = _operand(w, r.weight, axis=0, two_d=r.weight_2d)
   y = jnp.einsum("...k,kn->...n", xq, wq, precision="highest", preferred_element_type=jnp.float32)
-  return y.astype(x.dtype), (x, w, key)
+  return y.astype(x.dtype), (x, w, wq if _weight_reused(r) else None, key)
 
 
 def _qdot_bwd(r, res, dy):
-  x, w, key = res
+  x, w, wq, key = res
   k_dgrad, k_wgrad = _grad_keys(r, key)
   x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
   dyq = _operand(dy2, r.grad, axis=-1, key=k_dgrad)
-  wq = _operand(w, r.weight, axis=-1, two_d=r.weight_2d)
+  if wq is None:
+    wq = _operand(w, r.weight, axis=-1, two_d=r.weight_2d)
   dx = _dot(dyq, wq.T).reshape(x.shape)
   if r.rht:
     x2, dy2 = random_hadamard_transform(x2, 0), random_hadamard_transform(dy2, 0)
@@ -212,16 +219,17 @@ def _qragged_dot_fwd(r, x, w, group_sizes, key):
   wq = _expert_operand(w, r.weight, axis=1, two_d=r.weight_2d)
   y = jax.lax.ragged_dot(xq, wq, group_sizes, precision="highest",
                          preferred_element_type=jnp.float32)
-  return y.astype(x.dtype), (x, w, group_sizes, key)
+  return y.astype(x.dtype), (x, w, wq if _weight_reused(r) else None, group_sizes, key)
 
 
 def _qragged_dot_bwd(r, res, dy):
-  x, w, group_sizes, key = res
+  x, w, wq, group_sizes, key = res
   g, m = w.shape[0], x.shape[0]
   k_dgrad, k_wgrad = _grad_keys(r, key)
   gid = _row_groups(group_sizes, m)
   dyq = _ragged_operand(dy, r.grad, gid, g, key=k_dgrad, axis=-1)
-  wq = _expert_operand(w, r.weight, axis=2, two_d=r.weight_2d)
+  if wq is None:
+    wq = _expert_operand(w, r.weight, axis=2, two_d=r.weight_2d)
   dx = jax.lax.ragged_dot(dyq, jnp.swapaxes(wq, 1, 2), group_sizes, precision="highest",
                           preferred_element_type=jnp.float32)
   # wgrad blocks run along the tokens, so each group starts a fresh block,
