@@ -17,9 +17,12 @@ decay and init std 0.014; warmup, decay length and steps are placeholders,
 and so is the batch: Nano's published 3072 x 8192 tokens.
 
 Launch setting: 256 devices of 80 GB (32 nodes of 8 GPUs), mesh expert 32 x
-tensor 8 (16 experts per expert shard, tensor parallel inside a node), the
-3072-row batch as 96 microbatches of one row per batch shard: 92.1 GB peak
-per device by the memory report, so 141 GB devices (H200), not 80 GB ones. `python benchmarks/memory_fit.py --models super --preset`
+tensor 8 with the routed experts split over both (moe.tensor_split =
+"experts": 2 whole experts per device, each device routing and exchanging an
+eighth of its tensor group's tokens), the 3072-row batch as 96 microbatches
+of one row per batch shard: 6.0 GB state, 52.2 GB temp, 58.3 GB peak per
+device by the memory report (92.1 GB with the expert width split over tensor
+instead). `python benchmarks/memory_fit.py --models super --preset`
 measures it: see the README's "Memory at scale".
 """
 
@@ -45,6 +48,7 @@ def get_config():
   m.moe.d_ff, m.moe.shared_d_ff = 2688, 5376
   m.moe.routed_scaling = 5.0
   m.moe.n_group, m.moe.topk_group = 1, 1
+  m.moe.tensor_split = "experts"
   m.mtp.num_depths, m.mtp.pattern, m.mtp.share_weights = 2, "*E", True
   c.data.seq_len = 8192
   c.train.batch_size = 3072
