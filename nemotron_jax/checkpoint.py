@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import sys
@@ -45,10 +46,10 @@ def _one_line(err: BaseException, keep: int = 160) -> str:
 
 
 def _ignore_closed_loop_echoes() -> None:
-  """Silences one known echo of a failed restore: tensorstore reads still in flight finish
+  """Silences two known echoes of a failed restore. Tensorstore reads still in flight finish
   after orbax closed their event loop, each reporting RuntimeError('Event loop is closed')
-  through sys.unraisablehook, possibly long after the restore returned. Other unraisable
-  exceptions go to the previous hook."""
+  through sys.unraisablehook, possibly long after the restore returned; other unraisable
+  exceptions go to the previous hook. And asyncio logs the reads' unretrieved exceptions."""
   previous = sys.unraisablehook
   if getattr(previous, "ignores_closed_loop", False):
     return
@@ -60,6 +61,18 @@ def _ignore_closed_loop_echoes() -> None:
 
   hook.ignores_closed_loop = True
   sys.unraisablehook = hook
+  # The other echo: orbax's reads of the failed step are asyncio tasks whose exception
+  # nobody retrieves; when they are collected, asyncio logs each with a traceback.
+  logging.getLogger("asyncio").addFilter(_DroppedReadsFilter())
+
+
+class _DroppedReadsFilter(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records of orbax's array reads."""
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not (message.startswith("Task exception was never retrieved")
+                and "async_deserialize" in message)
 
 
 class Checkpointer:
