@@ -52,10 +52,9 @@ def reference():
   return jax.device_get(state), metrics
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=[str(m) for m in MESHES])
-def test_sharded_step_matches_unsharded(shape, reference):
+def assert_step_matches(reference, state, metrics):
+  """The sharded step's metrics, parameters and expert biases equal the unsharded step's."""
   ref_state, ref_metrics = reference
-  state, metrics = one_step(shape)
   assert metrics["moe_dropped_fraction"] == 0.0  # nothing overflows, so the steps agree
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
@@ -65,6 +64,12 @@ def test_sharded_step_matches_unsharded(shape, reference):
                jax.device_get(state.params), ref_state.params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.moe_state),
                ref_state.moe_state)
+  return state
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=[str(m) for m in MESHES])
+def test_sharded_step_matches_unsharded(shape, reference):
+  state = assert_step_matches(reference, *one_step(shape))
 
   params = state.params
   mesh_sizes = dict(zip(sharding.MESH_AXES, shape))
@@ -96,15 +101,7 @@ def test_sharded_step_matches_unsharded(shape, reference):
 def test_experts_split_over_tensor_match_unsharded(reference):
   """moe.tensor_split = "experts" on expert 4 x tensor 2: each device holds one whole expert
   and routes an eighth of the tokens; the step equals the unsharded one."""
-  ref_state, ref_metrics = reference
-  state, metrics = one_step((1, 1, 2, 4), tensor_split="experts")
-  assert metrics["moe_dropped_fraction"] == 0.0
-  np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
-  np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
-               jax.device_get(state.params), ref_state.params)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.moe_state),
-               ref_state.moe_state)
+  state = assert_step_matches(reference, *one_step((1, 1, 2, 4), tensor_split="experts"))
   up = state.params["layers_3"]["mixer"]["experts_up"]
   assert up.sharding.spec == P(("expert", "tensor"), "fsdp", None)
   assert up.addressable_shards[0].data.shape == (1, *up.shape[1:])
