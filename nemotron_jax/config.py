@@ -144,6 +144,7 @@ def model_config() -> ml_collections.ConfigDict:
   c.precision.quantize_experts = True  # MoE expert GEMMs
   c.precision.grad_fmt = "e4m3"  # fp8_tensorwise gradients: e4m3 | e5m2
   c.precision.stochastic_rounding = True  # nvfp4 gradients
+  c.precision.stochastic_rounding_forward = False  # nvfp4 forward operands too (an ablation)
   c.precision.hadamard = True  # nvfp4: 16x16 RHT on the weight-gradient GEMM inputs
   c.precision.bf16_from_step = 0  # > 0: drop quantisation from this step on
   return c
@@ -336,7 +337,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     if not isinstance(r[name], int) or r[name] < 0:
       _fail(q + name, r[name], "expected a non-negative integer")
   for name in ("bf16_attention", "bf16_latent", "bf16_mtp", "quantize_experts",
-               "stochastic_rounding", "hadamard"):
+               "stochastic_rounding", "stochastic_rounding_forward", "hadamard"):
     if not isinstance(r[name], bool):
       _fail(q + name, r[name], "expected True or False")
 

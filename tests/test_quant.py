@@ -250,16 +250,20 @@ def test_stochastic_rounding_bits_are_uniform_and_keyed():
 
 # --- quantised matmuls ---
 
-@functools.partial(jit, static_argnames=("recipe", "grad_fmt", "stochastic_rounding", "rht"))
-def _vjp(x, w, ct, key, recipe, grad_fmt, stochastic_rounding, rht):
+@functools.partial(jit, static_argnames=("recipe", "grad_fmt", "stochastic_rounding", "rht",
+                                         "forward_sr"))
+def _vjp(x, w, ct, key, recipe, grad_fmt, stochastic_rounding, rht, forward_sr):
   y, vjp = jax.vjp(lambda x, w: quant.qdot(x, w, recipe, key=key, grad_fmt=grad_fmt,
-                                           stochastic_rounding=stochastic_rounding, rht=rht), x, w)
+                                           stochastic_rounding=stochastic_rounding, rht=rht,
+                                           forward_sr=forward_sr), x, w)
   return (y,) + vjp(ct)
 
 
-def _grads(recipe, x, w, ct, key=None, grad_fmt=None, stochastic_rounding=None, rht=None):
+def _grads(recipe, x, w, ct, key=None, grad_fmt=None, stochastic_rounding=None, rht=None,
+           forward_sr=None):
   """(y, dx, dw) of qdot for cotangent ct; one compilation per recipe and options."""
-  return tuple(map(np.asarray, _vjp(x, w, ct, key, recipe, grad_fmt, stochastic_rounding, rht)))
+  return tuple(map(np.asarray, _vjp(x, w, ct, key, recipe, grad_fmt, stochastic_rounding, rht,
+                                    forward_sr)))
 
 
 @pytest.fixture(scope="module")
@@ -353,6 +357,25 @@ def test_qdot_options(xw):
   no_rht = _grads("nvfp4", x, w, ct, rht=False)
   np.testing.assert_array_equal(no_rht[1], rne[1])  # RHT touches wgrad only
   assert (no_rht[2] != rne[2]).any()
+
+
+def test_forward_stochastic_rounding(xw):
+  """forward_sr rounds x and w stochastically: keyed, unbiased over keys, gradients' streams kept."""
+  x, w, ct = xw
+  k = jax.random.key(3)
+  rne, grad_sr = _grads("nvfp4", x, w, ct), _grads("nvfp4", x, w, ct, key=k)
+  a, b = (_grads("nvfp4", x, w, ct, key=k, forward_sr=True) for _ in range(2))
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(u, v)
+  assert (a[0] != rne[0]).any() and (a[1] != grad_sr[1]).any()  # dgrad reuses the rounded weight
+  ys = jit(jax.vmap(lambda kk: quant.qdot(x, w, "nvfp4", key=kk, forward_sr=True)))(
+      jax.random.split(k, 64))
+  exact = x.astype(np.float64) @ w
+  err = lambda y: np.linalg.norm(y - exact) / np.linalg.norm(exact)
+  # One draw is noisier than rounding to nearest, but the noise averages out; RNE's error does not.
+  assert err(np.asarray(ys[0])) > err(rne[0]) > 3 * err(np.mean(np.asarray(ys), 0))
+  with pytest.raises(ValueError, match="forward_sr"):
+    quant.qdot(x, w, "bf16", key=k, forward_sr=True)
 
 
 def test_bad_arguments_name_the_field():

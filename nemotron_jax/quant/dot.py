@@ -31,6 +31,7 @@ class Recipe:
   grad: str | None  # dy, in dgrad and wgrad
   stochastic_rounding: bool  # of dy's elements, when a key is given
   rht: bool  # 16x16 RHT on x and dy along the tokens, in wgrad only
+  forward_sr: bool = False  # of x's and w's elements in the forward GEMM, when a key is given
 
 
 RECIPES = {
@@ -43,7 +44,8 @@ RECIPES = {
 _GRAD_FMTS = {"e4m3": "fp8_e4m3", "e5m2": "fp8_e5m2"}
 
 
-def get_recipe(recipe: str, *, grad_fmt=None, stochastic_rounding=None, rht=None) -> Recipe:
+def get_recipe(recipe: str, *, grad_fmt=None, stochastic_rounding=None, rht=None,
+               forward_sr=None) -> Recipe:
   """The named Recipe with the qdot options applied (None keeps the recipe's default)."""
   if recipe not in RECIPES:
     raise ValueError(f"recipe={recipe!r} is not a recipe; valid: {sorted(RECIPES)}")
@@ -55,12 +57,15 @@ def get_recipe(recipe: str, *, grad_fmt=None, stochastic_rounding=None, rht=None
     if grad_fmt not in _GRAD_FMTS:
       raise ValueError(f"grad_fmt={grad_fmt!r} is not valid; valid: {sorted(_GRAD_FMTS)}")
     r = dataclasses.replace(r, grad=_GRAD_FMTS[grad_fmt])
-  if recipe == "bf16" and (stochastic_rounding or rht):
-    raise ValueError("recipe 'bf16' does not quantise: stochastic_rounding and rht must be off")
+  if recipe == "bf16" and (stochastic_rounding or rht or forward_sr):
+    raise ValueError("recipe 'bf16' does not quantise: stochastic_rounding, forward_sr and rht "
+                     "must be off")
   if stochastic_rounding is not None:
     r = dataclasses.replace(r, stochastic_rounding=stochastic_rounding)
   if rht is not None:
     r = dataclasses.replace(r, rht=rht)
+  if forward_sr is not None:
+    r = dataclasses.replace(r, forward_sr=forward_sr)
   return r
 
 
@@ -83,14 +88,22 @@ def _grad_keys(r, key):
   return jax.random.split(key)
 
 
-def _resolve(recipe, key, grad_fmt, stochastic_rounding, rht):
-  if stochastic_rounding and key is None:
-    raise ValueError("stochastic_rounding=True needs a PRNG key: pass key=")
-  return get_recipe(recipe, grad_fmt=grad_fmt, stochastic_rounding=stochastic_rounding, rht=rht)
+def _forward_keys(r, key):
+  """Keys for x and w in the forward GEMM (a stream apart from dy's), or Nones."""
+  if key is None or not r.forward_sr:
+    return None, None
+  return jax.random.split(jax.random.fold_in(key, 2))
+
+
+def _resolve(recipe, key, grad_fmt, stochastic_rounding, rht, forward_sr=None):
+  if (stochastic_rounding or forward_sr) and key is None:
+    raise ValueError("stochastic rounding needs a PRNG key: pass key=")
+  return get_recipe(recipe, grad_fmt=grad_fmt, stochastic_rounding=stochastic_rounding, rht=rht,
+                    forward_sr=forward_sr)
 
 
 def qdot(x, w, recipe: str = "bf16", *, key=None, grad_fmt=None, stochastic_rounding=None,
-         rht=None):
+         rht=None, forward_sr=None):
   """x [..., k] @ w [k, n] -> [..., n] in x's dtype, each GEMM quantised per `recipe`.
 
   recipe: "bf16", "fp8_tensorwise", "fp8_blockwise", "mxfp8" or "nvfp4"
@@ -103,8 +116,11 @@ def qdot(x, w, recipe: str = "bf16", *, key=None, grad_fmt=None, stochastic_roun
     on for "nvfp4" only.
   rht: 16x16 Random Hadamard Transform of x and dy in the wgrad GEMM;
     default on for "nvfp4" only.
+  forward_sr: round x and w stochastically in the forward GEMM too, when
+    `key` is given (an ablation: NVIDIA's NVFP4 recipe rounds them to nearest);
+    default off. dgrad reuses that rounded weight where the forward's is reused.
   """
-  r = _resolve(recipe, key, grad_fmt, stochastic_rounding, rht)
+  r = _resolve(recipe, key, grad_fmt, stochastic_rounding, rht, forward_sr)
   return _qdot(r, x, w, key)
 
 
@@ -120,8 +136,9 @@ def _weight_reused(r) -> bool:
 
 
 def _qdot_fwd(r, x, w, key):
-  xq = _operand(x, r.act, axis=-1)
-  wq = _operand(w, r.weight, axis=0, two_d=r.weight_2d)
+  k_x, k_w = _forward_keys(r, key)
+  xq = _operand(x, r.act, key=k_x, axis=-1)
+  wq = _operand(w, r.weight, key=k_w, axis=0, two_d=r.weight_2d)
   y = jnp.einsum("...k,kn->...n", xq, wq, precision="highest", preferred_element_type=jnp.float32)
   return y.astype(x.dtype), (x, w, wq if _weight_reused(r) else None, key)
 
@@ -146,7 +163,7 @@ _qdot.defvjp(_qdot_fwd, _qdot_bwd)
 
 
 def qragged_dot(x, w, group_sizes, recipe: str = "bf16", *, key=None, grad_fmt=None,
-                stochastic_rounding=None, rht=None):
+                stochastic_rounding=None, rht=None, forward_sr=None):
   """x [m, k], w [g, k, n], group_sizes [g] -> [m, n], as jax.lax.ragged_dot.
 
   Rows of group i multiply w[i]; rows past sum(group_sizes) give zeros.
@@ -155,7 +172,7 @@ def qragged_dot(x, w, group_sizes, recipe: str = "bf16", *, key=None, grad_fmt=N
   wgrad blocks along the tokens start afresh at each group. Options as in
   `qdot`.
   """
-  r = _resolve(recipe, key, grad_fmt, stochastic_rounding, rht)
+  r = _resolve(recipe, key, grad_fmt, stochastic_rounding, rht, forward_sr)
   return _qragged_dot(r, x, w, group_sizes, key)
 
 
@@ -215,8 +232,9 @@ def _qragged_dot(r, x, w, group_sizes, key):
 def _qragged_dot_fwd(r, x, w, group_sizes, key):
   g, m = w.shape[0], x.shape[0]
   gid = _row_groups(group_sizes, m)
-  xq = _ragged_operand(x, r.act, gid, g, axis=-1)
-  wq = _expert_operand(w, r.weight, axis=1, two_d=r.weight_2d)
+  k_x, k_w = _forward_keys(r, key)
+  xq = _ragged_operand(x, r.act, gid, g, key=k_x, axis=-1)
+  wq = _expert_operand(w, r.weight, key=k_w, axis=1, two_d=r.weight_2d)
   y = jax.lax.ragged_dot(xq, wq, group_sizes, precision="highest",
                          preferred_element_type=jnp.float32)
   return y.astype(x.dtype), (x, w, wq if _weight_reused(r) else None, group_sizes, key)

@@ -68,6 +68,7 @@ def _options(p, recipe: str, key) -> dict:
     opts["rht"] = p.hadamard
     # Without a key (evaluation) gradients are not taken, so rounding mode is moot.
     opts["stochastic_rounding"] = p.stochastic_rounding and key is not None
+    opts["forward_sr"] = p.stochastic_rounding_forward and key is not None
   return opts
 
 
@@ -144,4 +145,5 @@ def grad_format(m, path: tuple[str, ...]) -> tuple[str | None, int | None]:
     return None
   opts = _options(m.precision, recipe, None)
   opts.pop("stochastic_rounding", None)
+  opts.pop("forward_sr", None)
   return qdot_lib.get_recipe(recipe, **opts).grad
