@@ -170,6 +170,7 @@ def data_config() -> ml_collections.ConfigDict:
   d.shuffle_window = config_dict.placeholder(int)
   d.mqar = ml_collections.ConfigDict()
   d.mqar.num_kv_pairs = 8
+  d.mqar.min_kv_pairs = 0  # > 0: each example has from this many to num_kv_pairs pairs
   d.mqar.num_examples = 100_000
   return d
 
@@ -451,6 +452,11 @@ def validate_data(d: ml_collections.ConfigDict, m: ml_collections.ConfigDict) ->
   if d.chunk_bytes < 64:
     _fail(q + "chunk_bytes", d.chunk_bytes, "expected at least 64 bytes per document")
   _positive_int(d.mqar, q + "mqar.", "num_kv_pairs", "num_examples")
+  low = d.mqar.min_kv_pairs
+  if not isinstance(low, int) or isinstance(low, bool) or not 0 <= low <= d.mqar.num_kv_pairs:
+    _fail(q + "mqar.min_kv_pairs", low,
+          f"expected 0 (a fixed count) or an integer from 1 to mqar.num_kv_pairs = "
+          f"{d.mqar.num_kv_pairs}")
   if d.source == "mqar":
     pairs = d.mqar.num_kv_pairs
     # A row of seq_len + 1 tokens holds the pairs, then each query as key and value.

@@ -396,16 +396,18 @@ def _token_rows(d, m, split: str) -> grain.MapDataset:
 
 
 def _mqar_example(index: int, *, seed: int, split: str, num_kv_pairs: int, seq_len: int,
-                 vocab_size: int) -> dict:
+                 vocab_size: int, min_kv_pairs: int = 0) -> dict:
   """Example `index` of multi-query associative recall (Zoology, Arora et al. 2023).
 
   The row is k1 v1 ... kN vN, then zeros where each key recurs once, in random
   order and at a random even offset, followed by its value; the loss is only
   on predicting those values. Keys and values are distinct ids from the lower
-  and upper half of [1, vocab_size).
+  and upper half of [1, vocab_size). N is num_kv_pairs, or with min_kv_pairs > 0
+  drawn per example uniformly from [min_kv_pairs, num_kv_pairs] (Zoology trains
+  on such a mixture and evaluates each N apart).
   """
-  n = num_kv_pairs
   rng = np.random.default_rng((seed, SPLITS.index(split), index))
+  n = int(rng.integers(min_kv_pairs, num_kv_pairs + 1)) if min_kv_pairs else num_kv_pairs
   half = (vocab_size - 1) // 2
   keys = 1 + rng.choice(half, n, replace=False)
   values = 1 + half + rng.choice(vocab_size - 1 - half, n, replace=False)
@@ -425,7 +427,7 @@ def _mqar_rows(d, m, split: str, seed: int) -> grain.MapDataset:
     _fail("data.heldout_fraction", d.heldout_fraction, "MQAR has no held-out examples; expected > 0")
   return grain.MapDataset.range(count).map(functools.partial(
       _mqar_example, seed=seed, split=split, num_kv_pairs=d.mqar.num_kv_pairs, seq_len=d.seq_len,
-      vocab_size=m.vocab_size))
+      vocab_size=m.vocab_size, min_kv_pairs=d.mqar.min_kv_pairs))
 
 
 class _LocalRowsIterDataset(grain.IterDataset):

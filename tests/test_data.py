@@ -337,12 +337,15 @@ def test_stdlib_batches_are_well_formed():
   assert data.count_bytes(tok, batch) == batch["loss_mask"].sum()
 
 
-def test_mqar_targets_are_the_values_of_queried_keys():
+@pytest.mark.parametrize("min_kv_pairs", [0, 2])
+def test_mqar_targets_are_the_values_of_queried_keys(min_kv_pairs):
   c = _config(source="mqar", seq_len=64)
   c.model.vocab_size = 96
   c.data.mqar.num_kv_pairs = 6
+  c.data.mqar.min_kv_pairs = min_kv_pairs
   c.data.mqar.num_examples = 40
-  n, v = c.data.mqar.num_kv_pairs, c.model.vocab_size
+  v = c.model.vocab_size
+  counts = set()
   batches = _take(data.make_iterator(c, split="train", global_batch_size=8), 3)
   heldout = list(data.make_iterator(c, split="heldout", global_batch_size=8))
   assert sum(len(b["inputs"]) for b in heldout) == 8  # ceil(40 * 0.05) = 2, padded
@@ -352,6 +355,8 @@ def test_mqar_targets_are_the_values_of_queried_keys():
                                           batch["loss_mask"]):
       if not mask.any():
         continue
+      n = int(mask.sum())  # one query per pair
+      counts.add(n)
       keys, values = inputs[0:2 * n:2], inputs[1:2 * n:2]
       assert len(set(keys)) == n and keys.max() < values.min() and values.max() < v
       assert keys.min() >= 1 and np.all(seg == 1)
@@ -364,6 +369,13 @@ def test_mqar_targets_are_the_values_of_queried_keys():
       filler = np.ones(len(row), bool)
       filler[:2 * n] = filler[queries] = filler[queries + 1] = False
       assert np.all(row[filler] == 0)
+  if min_kv_pairs:
+    assert min(counts) >= 2 and max(counts) <= 6 and len(counts) >= 3, counts
+    c.data.mqar.min_kv_pairs = 7
+    with pytest.raises(config_lib.ConfigError, match="'data.mqar.min_kv_pairs' = 7.*from 1 to"):
+      data.make_iterator(c, split="train", global_batch_size=8)
+  else:
+    assert counts == {6}
   train_rows = {r.tobytes() for b in batches for r in b["inputs"]}
   assert not train_rows & {r.tobytes() for r in heldout[0]["inputs"][:2]}
 
