@@ -166,17 +166,21 @@ class Trainer:
     self.quantized = p.recipe != "none"
     # Late in training the published recipe drops quantisation: same weights, plain GEMMs.
     self.late_step = p.bf16_from_step if self.quantized and p.bf16_from_step else None
+    self.late_model = None
     if self.late_step:
       late = ml_collections.ConfigDict(config.to_dict())
       late.model.precision.recipe = "none"
-      self._late_train_jit = step(build_model(late))
+      self.late_model = build_model(late)
+      self._late_train_jit = step(self.late_model)
     self._stats_jit = jax.jit(self._quant_stats, in_shardings=(
         self.state_shardings.params, self.state_shardings.moe_state, self.batch_sharding),
         out_shardings=sharding.replicated(mesh))
-    self._eval_jit = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params,
-                                                            self.state_shardings.moe_state,
-                                                            self.batch_sharding),
-                             out_shardings=sharding.replicated(mesh))
+    evaluate = lambda model: jax.jit(
+        functools.partial(self._eval_step, model=model),
+        in_shardings=(self.state_shardings.params, self.state_shardings.moe_state,
+                      self.batch_sharding), out_shardings=sharding.replicated(mesh))
+    self._eval_jit = evaluate(model)
+    self._late_eval_jit = evaluate(self.late_model) if self.late_step else None
 
   def _boxed_init(self, rng):
     tokens = jnp.zeros((1, 8), jnp.int32)
@@ -212,9 +216,16 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return self._stats_jit(state.params, state.moe_state, batch)
 
+  def in_late_phase(self, state: TrainState) -> bool:
+    """Whether the state's last step ran the late plain-GEMM phase."""
+    return self.late_step is not None and int(jax.device_get(state.step)) > self.late_step
+
   def eval_step(self, state: TrainState, batch) -> dict:
+    """Held-out sums with the model the state was last trained with: plain GEMMs once the
+    late phase has run."""
+    late = self.in_late_phase(state)
     with jax.set_mesh(self.mesh):
-      return self._eval_jit(state.params, state.moe_state, batch)
+      return (self._late_eval_jit if late else self._eval_jit)(state.params, state.moe_state, batch)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state, for restoring without allocating twice."""
@@ -358,8 +369,8 @@ class Trainer:
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, metrics
 
-  def _eval_step(self, params, moe_state, batch):
-    main = self._forward(params, moe_state, batch).main
+  def _eval_step(self, params, moe_state, batch, model=None):
+    main = self._forward(params, moe_state, batch, model=model).main
     return {"nll_sum": main.nll, "tokens": main.count}
 
   def _quant_stats(self, params, moe_state, batch):

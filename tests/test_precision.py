@@ -90,6 +90,15 @@ def test_late_steps_drop_quantisation(trainer):
   _, ref = plain.train_step(plain.init_state(0), plain.shard_batch(b), 3)
   np.testing.assert_allclose(late["loss"], ref["loss"], rtol=1e-6)
   assert abs(float(early["loss"]) - float(ref["loss"])) > 1e-6
+  # Held-out loss follows the phase the state was last trained in.
+  sb = plain.shard_batch(b)
+  for steps, model in ((3, trainer), (4, plain)):
+    s = state.replace(step=jnp.asarray(steps, state.step.dtype))
+    np.testing.assert_allclose(trainer.eval_step(s, sb)["nll_sum"],
+                               model.eval_step(s, sb)["nll_sum"], rtol=1e-6)
+  assert trainer.in_late_phase(state.replace(step=jnp.asarray(4, state.step.dtype)))
+  assert abs(float(trainer.eval_step(state, sb)["nll_sum"]) -
+             float(plain.eval_step(state, sb)["nll_sum"])) > 1e-4
 
 
 def test_stats_cover_every_quantised_tensor(trainer):
