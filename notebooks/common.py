@@ -39,7 +39,18 @@ from nemotron_jax.train_lib import Trainer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)  # `kernels/` is a top-level folder of the repository, not installed
-FIGURES = os.path.join(ROOT, "notebooks", "figures")
+# Full-mode figures are committed; quick mode's smoke-test figures go to an ignored subfolder
+# so that running the tests never overwrites them.
+FIGURES = os.path.join(ROOT, "notebooks", "figures", *(["quick"] if QUICK else []))
+
+
+STARTED = time.time()
+
+
+def finished() -> str:
+  """The line each notebook ends with: its mode and wall-clock time since this module loaded."""
+  return (f"{'quick' if QUICK else 'full'} mode: {(time.time() - STARTED) / 60:.1f} min on "
+          f"{os.cpu_count()} CPU cores")
 
 
 def quick_pattern(pattern: str) -> str:
@@ -110,11 +121,13 @@ class Experiment:
     self.model = build_model(config)
     self.trainer = Trainer(config, self.model, self.mesh)
     self.state0 = self.trainer.init_state(config.seed) if init_state is None else init_state
-    self._heldout = jax.jit(self._heldout_sums)
+    self._heldout = jax.jit(self._heldout_sums, static_argnums=0)
 
-  def _heldout_sums(self, params, moe_state, batch):
+  def _heldout_sums(self, late, params, moe_state, batch):
+    # After precision.bf16_from_step the run trains, so is evaluated, with plain GEMMs.
+    model = self.trainer.late_model if late else self.model
     with nn.logical_axis_rules(self.trainer.rules):
-      logits, _ = self.model.apply({"params": params, "moe_state": moe_state}, batch["inputs"],
+      logits, _ = model.apply({"params": params, "moe_state": moe_state}, batch["inputs"],
                                    batch["segment_ids"], mutable=["moe_stats"])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
@@ -122,13 +135,9 @@ class Experiment:
     mask = batch["loss_mask"]
     return jnp.sum(nll * mask), jnp.sum(hit * mask), jnp.sum(mask)
 
-  def train(self, data: dict | None = None, *, heldout: bool = True) -> dict:
-    """Trains from the initial state with `data` overrides such as {"mqar.num_kv_pairs": 4}.
-
-    Returns {"steps", "loss", "seconds"} and with `heldout` (one more compile)
-    "eval_loss" and "accuracy": the argmax accuracy at the loss_mask positions
-    of held-out batches, which for MQAR are the query positions.
-    """
+  def _with_data(self, data: dict | None):
+    """The config with `data` overrides, and the function padding its batches to the compiled
+    length."""
     config = self.config.copy_and_resolve_references()
     for key, value in (data or {}).items():
       node = config.data
@@ -140,9 +149,20 @@ class Experiment:
     if config.data.seq_len > width:
       raise ValueError(f"data.seq_len = {config.data.seq_len} is invalid: expected at most the "
                        f"compiled length {width}")
-    trainer, start = self.trainer, time.time()
-    pad = lambda batch: trainer.shard_batch(
+    pad = lambda batch: self.trainer.shard_batch(
         {k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) for k, v in batch.items()})
+    return config, pad
+
+  def train(self, data: dict | None = None, *, heldout: bool = True) -> dict:
+    """Trains from the initial state with `data` overrides such as {"mqar.num_kv_pairs": 4}.
+
+    Returns {"steps", "loss", "seconds"} and with `heldout` (one more compile)
+    "eval_loss" and "accuracy": the argmax accuracy at the loss_mask positions
+    of held-out batches, which for MQAR are the query positions. The trained
+    state stays in `self.state` for `evaluate`.
+    """
+    config, pad = self._with_data(data)
+    trainer, start = self.trainer, time.time()
     state = jax.tree.map(jnp.copy, self.state0)  # the step donates its input state
     it = data_lib.make_iterator(config, split="train", global_batch_size=config.train.batch_size)
     losses = []
@@ -150,32 +170,39 @@ class Experiment:
       state, metrics = trainer.train_step(state, pad(next(it)), step)
       losses.append(metrics["loss"])
     losses = [float(x) for x in jax.device_get(losses)]
+    self.state = state
     out = {"steps": list(range(1, len(losses) + 1)), "loss": losses}
     if heldout:
-      out.update(self._evaluate(config, state, pad))
+      out.update(self.evaluate(data))
     out["seconds"] = time.time() - start
     return out
 
-  def _evaluate(self, config, state, pad) -> dict:
+  def evaluate(self, data: dict | None = None) -> dict:
+    """{"eval_loss", "accuracy"} of the last trained state on held-out batches of `data`
+    (overrides as in `train`), e.g. MQAR with another number of pairs."""
+    config, pad = self._with_data(data)
+    state = self.state
     nll = hits = count = 0.0
+    late = self.trainer.in_late_phase(state)
     eval_it = data_lib.make_iterator(config, split="heldout",
                                      global_batch_size=config.train.batch_size)
     with jax.set_mesh(self.mesh):
       for i, batch in enumerate(eval_it):
         if i >= config.train.eval_batches:
           break
-        sums = self._heldout(state.params, state.moe_state, pad(batch))
+        sums = self._heldout(late, state.params, state.moe_state, pad(batch))
         n, h, c = (float(v) for v in sums)
         nll, hits, count = nll + n, hits + h, count + c
     return {"eval_loss": nll / max(count, 1.0), "accuracy": hits / max(count, 1.0)}
 
 
 def save(fig, name: str) -> str:
-  """Writes the figure to notebooks/figures/<name>.png and returns the path."""
+  """Writes the figure to notebooks/figures/<name>.png (quick mode: figures/quick/) and returns
+  the path."""
   os.makedirs(FIGURES, exist_ok=True)
   path = os.path.join(FIGURES, name + ".png")
   fig.savefig(path, dpi=100, bbox_inches="tight")
-  return path
+  return os.path.relpath(path, ROOT)
 
 
 def timed(fn, *args, repeats: int = 3) -> float:
