@@ -153,25 +153,34 @@ class Experiment:
         {k: np.pad(v, ((0, 0), (0, width - v.shape[1]))) for k, v in batch.items()})
     return config, pad
 
-  def train(self, data: dict | None = None, *, heldout: bool = True) -> dict:
+  def train(self, data: dict | None = None, *, heldout: bool = True, resume: bool = False,
+            steps: int | None = None) -> dict:
     """Trains from the initial state with `data` overrides such as {"mqar.num_kv_pairs": 4}.
 
     Returns {"steps", "loss", "seconds"} and with `heldout` (one more compile)
     "eval_loss" and "accuracy": the argmax accuracy at the loss_mask positions
     of held-out batches, which for MQAR are the query positions. The trained
-    state stays in `self.state` for `evaluate`.
+    state stays in `self.state` for `evaluate`. `steps` (default
+    config.train.steps) is how many steps this call trains. With `resume`,
+    training goes on from `self.state` (a curriculum), with the optimiser state
+    and the step count, so the learning-rate schedule, where the last run left them.
     """
     config, pad = self._with_data(data)
     trainer, start = self.trainer, time.time()
-    state = jax.tree.map(jnp.copy, self.state0)  # the step donates its input state
+    if resume and not hasattr(self, "state"):
+      raise ValueError("Experiment.train(resume=True) needs a state trained by train(); expected "
+                       "a first call without resume")
+    # The step donates its input state.
+    state = jax.tree.map(jnp.copy, self.state if resume else self.state0)
+    first = int(jax.device_get(state.step))
     it = data_lib.make_iterator(config, split="train", global_batch_size=config.train.batch_size)
     losses = []
-    for step in range(config.train.steps):
+    for step in range(first, first + (config.train.steps if steps is None else steps)):
       state, metrics = trainer.train_step(state, pad(next(it)), step)
       losses.append(metrics["loss"])
     losses = [float(x) for x in jax.device_get(losses)]
     self.state = state
-    out = {"steps": list(range(1, len(losses) + 1)), "loss": losses}
+    out = {"steps": list(range(first + 1, first + len(losses) + 1)), "loss": losses}
     if heldout:
       out.update(self.evaluate(data))
     out["seconds"] = time.time() - start
