@@ -1,11 +1,13 @@
 """Executes every notebook in quick mode (NEMOTRON_QUICK=1) and checks that it wrote its figures
-(to notebooks/figures/quick/, so the committed full-mode figures stay as they are).
+(to notebooks/figures/quick/, so the committed full-mode figures stay as they are); checks that
+the committed copies hold a full-mode run, within the 20-minute budget, and its figures.
 
 Each takes about a minute of CPU time, almost all of it compiling the models'
 training steps: one notebook = one kernel = fresh compiles.
 """
 
 import os
+import re
 import time
 
 import nbclient
@@ -58,3 +60,49 @@ def test_notebook_runs_in_quick_mode(name, monkeypatch):
   assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
              for o in outputs), f"{name} showed no figure inline"
   assert "quick mode: " in _text(outputs), f"{name} does not end with common.finished()"
+
+
+FULL_RUN_MINUTES = 20  # on 2 CPU cores; a notebook slower than that gets smaller
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_committed_notebook_holds_its_full_mode_run(name):
+  """The repository's copy was executed top to bottom in full mode and its figures are beside it."""
+  book = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  code = [cell for cell in book.cells if cell.cell_type == "code"]
+  counts = [cell.execution_count for cell in code]
+  assert counts == list(range(1, len(code) + 1)), f"{name}: cells not executed in order: {counts}"
+  outputs = _outputs(book)
+  assert not [o for o in outputs if o.get("output_type") == "error"], f"{name} holds an error"
+  assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
+             for o in outputs), f"{name} shows no figure"
+  text = _text(outputs)
+  finished = re.search(r"full mode: ([0-9.]+) min", text)
+  assert finished, f"{name} was not run in full mode"
+  assert float(finished.group(1)) <= FULL_RUN_MINUTES, f"{name}: full run {finished.group(0)}"
+  for figure in FIGURES[name]:
+    assert f"saved notebooks/figures/{figure}" in text, f"{name}'s run did not write {figure}"
+    assert os.path.exists(os.path.join(NOTEBOOKS, "figures", figure)), f"notebooks/figures/{figure} is missing"
+
+
+def test_experiment_resume_goes_on_from_the_last_state(monkeypatch):
+  # notebooks/common.py sets compile flags in os.environ on import; keep them out of later tests.
+  for name in ("XLA_FLAGS", "TQDM_MININTERVAL"):
+    if name in os.environ:
+      monkeypatch.setenv(name, os.environ[name])
+    else:
+      monkeypatch.delenv(name, raising=False)
+  monkeypatch.syspath_prepend(NOTEBOOKS)
+  import common
+
+  config = common.load("tiny", steps=3, seq_len=32, batch_size=8)
+  config.model.pattern = "*-"
+  exp = common.Experiment(config)
+  first = exp.train(heldout=False, steps=2)
+  more = exp.train(heldout=False, resume=True)
+  assert (first["steps"], more["steps"]) == ([1, 2], [3, 4, 5])
+  assert int(exp.state.step) == 5
+  assert exp.train(heldout=False, steps=2)["loss"] == first["loss"]  # without resume: from state0
+  del exp.state
+  with pytest.raises(ValueError, match=r"resume=True\) needs a state"):
+    exp.train(resume=True)
