@@ -121,6 +121,7 @@ class Experiment:
     self.model = build_model(config)
     self.trainer = Trainer(config, self.model, self.mesh)
     self.state0 = self.trainer.init_state(config.seed) if init_state is None else init_state
+    self.state = None  # the last trained state, for `evaluate` and `train(resume=True)`
     self._heldout = jax.jit(self._heldout_sums, static_argnums=0)
 
   def _heldout_sums(self, late, params, moe_state, batch):
@@ -167,7 +168,7 @@ class Experiment:
     """
     config, pad = self._with_data(data)
     trainer, start = self.trainer, time.time()
-    if resume and not hasattr(self, "state"):
+    if resume and self.state is None:
       raise ValueError("Experiment.train(resume=True) needs a state trained by train(); expected "
                        "a first call without resume")
     # The step donates its input state.

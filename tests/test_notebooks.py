@@ -103,6 +103,6 @@ def test_experiment_resume_goes_on_from_the_last_state(monkeypatch):
   assert (first["steps"], more["steps"]) == ([1, 2], [3, 4, 5])
   assert int(exp.state.step) == 5
   assert exp.train(heldout=False, steps=2)["loss"] == first["loss"]  # without resume: from state0
-  del exp.state
+  exp.state = None
   with pytest.raises(ValueError, match=r"resume=True\) needs a state"):
     exp.train(resume=True)
