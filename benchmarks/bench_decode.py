@@ -31,7 +31,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from nemotron_jax import build_model, hf, init_variables  # noqa: E402
+from nemotron_jax import build_model, hf, hostmem, init_variables  # noqa: E402
 from nemotron_jax.config import default_config  # noqa: E402
 from nemotron_jax.generate import generate  # noqa: E402
 
@@ -180,4 +180,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # malloc on huge pages: see nemotron_jax/hostmem.py
   main()

@@ -15,6 +15,8 @@ import time
 import jax
 import numpy as np
 
+from nemotron_jax import hostmem
+
 # name -> model.precision fields; "nvfp4_no_sr" / "nvfp4_no_rht" switch off one
 # part of the default NVFP4 recipe, to see what each costs.
 VARIANTS = {
@@ -84,4 +86,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # malloc on huge pages: see nemotron_jax/hostmem.py
   main()

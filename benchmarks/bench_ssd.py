@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemotron_jax import hostmem
 from nemotron_jax.layers.ssd import ssd_chunked, ssd_sequential
 
 # H100 SXM5 dense peaks (NVIDIA datasheet; the sparse figures are 2x) and HBM3 bandwidth.
@@ -185,4 +186,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # malloc on huge pages: see nemotron_jax/hostmem.py
   main()

@@ -15,6 +15,8 @@ import tempfile
 
 import numpy as np
 
+from nemotron_jax import hostmem
+
 VARIANTS = {
     "bf16": {},
     "fp8_tensorwise": {},
@@ -79,4 +81,5 @@ def main():
 
 
 if __name__ == "__main__":
+  hostmem.reexec_with_huge_pages()  # malloc on huge pages: see nemotron_jax/hostmem.py
   main()

@@ -17,6 +17,7 @@ from typing import Callable
 
 from absl import app, flags
 
+from nemotron_jax import hostmem
 from nemotron_jax.config import ConfigError
 
 USAGE_EXIT = 2
@@ -53,7 +54,12 @@ def _unknown_override(argv, err: Exception) -> str:
 
 def run(main: Callable, *, define_flags: Callable | None = None,
         user_errors: tuple[type[BaseException], ...] = ()) -> None:
-  """Runs `main` under absl after `define_flags()`, turning user errors into one-line exits."""
+  """Runs `main` under absl after `define_flags()`, turning user errors into one-line exits.
+
+  On a CPU host the command first restarts itself with malloc on huge pages
+  (`hostmem.reexec_with_huge_pages`).
+  """
+  hostmem.reexec_with_huge_pages()
   argv = list(sys.argv)
   debug = _show_traceback(argv)
   if _TRACEBACK_FLAG in argv:

@@ -12,6 +12,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAG
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from nemotron_jax import hostmem  # noqa: E402
+
+# The processes the tests start (xdist workers, train.py runs, notebook kernels) run
+# with malloc on huge pages, as train.py does.
+hostmem.export_to_children()
+
 from nemotron_jax import config as config_lib
 
 jax.config.update("jax_default_matmul_precision", "highest")
