@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -271,6 +272,43 @@ def memory_report(config: ml_collections.ConfigDict, devices: int) -> dict:
   return {"devices": devices, "mesh": dict(zip(sharding.MESH_AXES, mesh.devices.shape)),
           "batch_size": config.train.batch_size, "seq_len": config.data.seq_len,
           "per_device_bytes": sizes}
+
+
+_HLO_DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_HLO_DOT = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = \S+ dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)")
+
+
+def _dims(attrs: str, key: str) -> tuple[int, ...]:
+  found = re.search(key + r"=\{([\d,]*)\}", attrs)
+  return tuple(int(d) for d in found.group(1).split(",") if d) if found else ()
+
+
+def compiled_dots(hlo_text: str) -> list[dict]:
+  """The dot instructions of a compiled module's text (fused ones included), each as
+  {"lhs", "rhs": (dtype, shape), "dims": ((lhs_contracting, rhs_contracting),
+  (lhs_batch, rhs_batch)), "flops": 2 x output size x contracted size
+  = 2 x lhs size x rhs's free size}.
+
+  Dots inside loop bodies appear once, whatever the trip count. Instruction
+  names are unique in a module, so operands are looked up across computations.
+  """
+  shapes = {}
+  for line in hlo_text.splitlines():
+    found = _HLO_DEF.match(line)
+    if found:
+      shapes[found.group(1)] = (found.group(2), tuple(int(d) for d in found.group(3).split(",") if d))
+  dots = []
+  for line in hlo_text.splitlines():
+    found = _HLO_DOT.match(line)
+    if not found:
+      continue
+    lhs, rhs, attrs = shapes[found.group(1)], shapes[found.group(2)], found.group(3)
+    contract = (_dims(attrs, "lhs_contracting_dims"), _dims(attrs, "rhs_contracting_dims"))
+    batch = (_dims(attrs, "lhs_batch_dims"), _dims(attrs, "rhs_batch_dims"))
+    free_rhs = math.prod(n for d, n in enumerate(rhs[1]) if d not in contract[1] + batch[1])
+    dots.append({"lhs": lhs, "rhs": rhs, "dims": (contract, batch),
+                 "flops": 2 * math.prod(lhs[1]) * free_rhs})
+  return dots
 
 
 def format_memory(r: dict) -> str:
