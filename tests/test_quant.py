@@ -392,9 +392,29 @@ def test_bad_arguments_name_the_field():
     quant.qdot(x, x, "nvfp4", stochastic_rounding=True)
 
 
+@pytest.mark.parametrize("gather_blocks", [None, 3])
+def test_blocked_wgrad_equals_ragged_dot_general(gather_blocks, monkeypatch):
+  """The blocked weight gradient sums each group's rows, in one pass or chunks of blocks."""
+  from nemotron_jax.layers import moe
+  from nemotron_jax.quant import dot as qdot_lib
+  b, k, n = 16, 32, 24
+  aligned = jnp.array([48, 0, 16, 32], jnp.int32)  # group starts on the b-row grid
+  m = 128  # 16 rows past the groups, zero as _align_groups leaves them
+  rng = np.random.default_rng(7)
+  x, dy = (rng.standard_normal((m, d), np.float32) for d in (k, n))
+  x[96:], dy[96:] = 0, 0
+  if gather_blocks:
+    monkeypatch.setattr(moe, "GATHER_BYTES", gather_blocks * k * n * 4)
+  blocked = qdot_lib._grouped_wgrad("blocked", jnp.asarray(x), jnp.asarray(dy), aligned, b)
+  ragged = qdot_lib._grouped_wgrad("ragged", jnp.asarray(x), jnp.asarray(dy), aligned, b)
+  np.testing.assert_allclose(blocked, ragged, rtol=1e-5, atol=1e-5)
+  assert blocked.shape == (4, k, n) and not np.asarray(blocked[1]).any()
+
+
+@pytest.mark.parametrize("impl", ["ragged", "blocked"])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_qragged_dot_matches_group_loop(recipe):
-  """Forward and gradients equal a loop of qdot over the groups."""
+def test_qragged_dot_matches_group_loop(recipe, impl):
+  """Forward and gradients equal a loop of qdot over the groups, with either grouped GEMM."""
   sizes = [37, 0, 22]  # an empty group, a group starting off the 16-row grid, 5 trailing rows
   m, k, n = 64, 256, 128
   rng = np.random.default_rng(5)
@@ -404,7 +424,7 @@ def test_qragged_dot_matches_group_loop(recipe):
 
   @jit
   def ragged(x, w):
-    y, vjp = jax.vjp(lambda x, w: quant.qragged_dot(x, w, gs, recipe), x, w)
+    y, vjp = jax.vjp(lambda x, w: quant.qragged_dot(x, w, gs, recipe, impl=impl), x, w)
     return (y,) + vjp(ct)
 
   @jit

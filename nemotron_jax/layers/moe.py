@@ -88,7 +88,8 @@ def balance_loss_from_sums(share, load, num_tokens: int, top_k: int):
 GATHER_BYTES = 64 * 2 ** 20
 
 
-def blocked_dot(x, w, group_sizes, block: int = 128, gather_bytes: int = GATHER_BYTES):
+def blocked_dot(x, w, group_sizes, block: int = 128, gather_bytes: int = GATHER_BYTES,
+                precision=None, preferred_element_type=None):
   """`jax.lax.ragged_dot` semantics (x [m k], w [g k n], rows sorted by group) as batched
   matmuls: each group's rows are padded to whole blocks of `block` rows, and each block
   multiplies its group's weight. Rows past sum(group_sizes) give zeros.
@@ -96,7 +97,8 @@ def blocked_dot(x, w, group_sizes, block: int = 128, gather_bytes: int = GATHER_
   Each block needs its own copy of a [k n] weight. While those copies fit in
   `gather_bytes` they are gathered at once and one batched matmul runs; beyond
   that a scan runs chunks of blocks, rematerialised, so memory holds one chunk's
-  copies (forward and backward) instead of a weight per block.
+  copies (forward and backward) instead of a weight per block. precision and
+  preferred_element_type: of the batched matmuls, as in jnp.einsum.
   """
   m, k = x.shape
   g, _, n = w.shape
@@ -114,7 +116,8 @@ def blocked_dot(x, w, group_sizes, block: int = 128, gather_bytes: int = GATHER_
   xb = xa.reshape(blocks, block, k)
   chunk = max(1, min(blocks, gather_bytes // (k * n * w.dtype.itemsize)))
   if chunk == blocks:
-    ya = jnp.einsum("bmk,bkn->bmn", xb, w[block_group])
+    ya = jnp.einsum("bmk,bkn->bmn", xb, w[block_group], precision=precision,
+                    preferred_element_type=preferred_element_type)
   else:
     steps = -(-blocks // chunk)
     pad = steps * chunk - blocks  # zero rows of group 0: zero outputs, zero weight gradient
@@ -124,7 +127,8 @@ def blocked_dot(x, w, group_sizes, block: int = 128, gather_bytes: int = GATHER_
     @jax.checkpoint
     def step(_, inputs):
       xc, gc = inputs
-      return None, jnp.einsum("bmk,bkn->bmn", xc, w[gc])
+      return None, jnp.einsum("bmk,bkn->bmn", xc, w[gc], precision=precision,
+                              preferred_element_type=preferred_element_type)
 
     ya = jax.lax.scan(step, None, (xs, gs))[1].reshape(steps * chunk, block, n)[:blocks]
   ya = ya.reshape(blocks * block, n)

@@ -163,17 +163,22 @@ _qdot.defvjp(_qdot_fwd, _qdot_bwd)
 
 
 def qragged_dot(x, w, group_sizes, recipe: str = "bf16", *, key=None, grad_fmt=None,
-                stochastic_rounding=None, rht=None, forward_sr=None):
+                stochastic_rounding=None, rht=None, forward_sr=None, impl: str = "ragged"):
   """x [m, k], w [g, k, n], group_sizes [g] -> [m, n], as jax.lax.ragged_dot.
 
   Rows of group i multiply w[i]; rows past sum(group_sizes) give zeros.
   Quantised as a loop of `qdot` over the groups would be: each group of
   rows and each expert's weight is its own tensor (own tensor scale), and
   wgrad blocks along the tokens start afresh at each group. Options as in
-  `qdot`.
+  `qdot`. impl: how the three grouped products of the quantised operands run
+  (`moe.impl` resolved): "ragged" with jax.lax.ragged_dot(_general), "blocked"
+  as batched matmuls over blocks of rows (`moe.blocked_dot`; XLA:CPU's
+  ragged_dot multiplies every row by every group's weight).
   """
+  if impl not in ("ragged", "blocked"):
+    raise ValueError(f"impl = {impl!r} is invalid: expected 'ragged' or 'blocked'")
   r = _resolve(recipe, key, grad_fmt, stochastic_rounding, rht, forward_sr)
-  return _qragged_dot(r, x, w, group_sizes, key)
+  return _qragged_dot(r, impl, x, w, group_sizes, key)
 
 
 def _row_groups(group_sizes, m):
@@ -224,23 +229,63 @@ def _block(fmt):
   return 1 if fmt is None or FORMATS[fmt].block is None else FORMATS[fmt].block
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _qragged_dot(r, x, w, group_sizes, key):
-  return _qragged_dot_fwd(r, x, w, group_sizes, key)[0]
+def _grouped(impl, x, w, group_sizes):
+  """x [m, k] times w [g, k, n] by row group, in float32."""
+  if impl == "blocked":
+    from nemotron_jax.layers.moe import blocked_dot
+    return blocked_dot(x, w, group_sizes, precision=jax.lax.Precision.HIGHEST,
+                       preferred_element_type=jnp.float32)
+  return jax.lax.ragged_dot(x, w, group_sizes, precision="highest",
+                            preferred_element_type=jnp.float32)
 
 
-def _qragged_dot_fwd(r, x, w, group_sizes, key):
+def _grouped_wgrad(impl, x, dy, aligned, b):
+  """[g, k, n]: x [m, k]^T dy [m, n] over each group's rows, with every group starting at a
+  multiple of b rows (`_align_groups`, rows past the groups zero)."""
+  g, (m, k), n = aligned.shape[0], x.shape, dy.shape[1]
+  if impl == "ragged":
+    dims = jax.lax.RaggedDotDimensionNumbers(
+      dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
+      rhs_group_dimensions=[])
+    return jax.lax.ragged_dot_general(x, dy, aligned, dims, precision="highest",
+                                      preferred_element_type=jnp.float32)
+  # Blocks of b rows lie in one group each: their products, summed by group (the rows
+  # past the groups are block group g, dropped), a chunk of blocks at a time.
+  from nemotron_jax.layers.moe import GATHER_BYTES
+  blocks = m // b
+  group = jnp.searchsorted(jnp.cumsum(aligned), jnp.arange(blocks) * b, side="right")
+  chunk = max(1, min(blocks, GATHER_BYTES // (k * n * 4)))
+  steps = -(-blocks // chunk)
+  pad = steps * chunk - blocks
+  xs = jnp.pad(x.reshape(blocks, b, k), ((0, pad), (0, 0), (0, 0))).reshape(steps, chunk, b, k)
+  dys = jnp.pad(dy.reshape(blocks, b, n), ((0, pad), (0, 0), (0, 0))).reshape(steps, chunk, b, n)
+  gs = jnp.pad(group, (0, pad), constant_values=g).reshape(steps, chunk)
+
+  def step(acc, inputs):
+    xc, dyc, gc = inputs
+    per_block = jnp.einsum("cbk,cbn->ckn", xc, dyc, precision=jax.lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+    return acc + jax.ops.segment_sum(per_block, gc, num_segments=g + 1), None
+
+  return jax.lax.scan(step, jnp.zeros((g + 1, k, n), jnp.float32), (xs, dys, gs))[0][:g]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _qragged_dot(r, impl, x, w, group_sizes, key):
+  return _qragged_dot_fwd(r, impl, x, w, group_sizes, key)[0]
+
+
+def _qragged_dot_fwd(r, impl, x, w, group_sizes, key):
   g, m = w.shape[0], x.shape[0]
   gid = _row_groups(group_sizes, m)
   k_x, k_w = _forward_keys(r, key)
   xq = _ragged_operand(x, r.act, gid, g, key=k_x, axis=-1)
   wq = _expert_operand(w, r.weight, key=k_w, axis=1, two_d=r.weight_2d)
-  y = jax.lax.ragged_dot(xq, wq, group_sizes, precision="highest",
-                         preferred_element_type=jnp.float32)
+  y = _grouped(impl, xq, wq, group_sizes)
   return y.astype(x.dtype), (x, w, wq if _weight_reused(r) else None, group_sizes, key)
 
 
-def _qragged_dot_bwd(r, res, dy):
+def _qragged_dot_bwd(r, impl, res, dy):
   x, w, wq, group_sizes, key = res
   g, m = w.shape[0], x.shape[0]
   k_dgrad, k_wgrad = _grad_keys(r, key)
@@ -248,8 +293,7 @@ def _qragged_dot_bwd(r, res, dy):
   dyq = _ragged_operand(dy, r.grad, gid, g, key=k_dgrad, axis=-1)
   if wq is None:
     wq = _expert_operand(w, r.weight, axis=2, two_d=r.weight_2d)
-  dx = jax.lax.ragged_dot(dyq, jnp.swapaxes(wq, 1, 2), group_sizes, precision="highest",
-                          preferred_element_type=jnp.float32)
+  dx = _grouped(impl, dyq, jnp.swapaxes(wq, 1, 2), group_sizes)
   # wgrad blocks run along the tokens, so each group starts a fresh block,
   # zero-padded at its end like a lone qdot's.
   b = math.lcm(_block(r.act), _block(r.grad), RHT_SIZE if r.rht else 1)
@@ -261,11 +305,7 @@ def _qragged_dot_bwd(r, res, dy):
   gid_a = _row_groups(aligned, m_aligned)
   xq = _ragged_operand(xa, r.act, gid_a, g, axis=0)
   dyq = _ragged_operand(dya, r.grad, gid_a, g, key=k_wgrad, axis=0)
-  dims = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0],
-    rhs_group_dimensions=[])
-  dw = jax.lax.ragged_dot_general(xq, dyq, aligned, dims, precision="highest",
-                                  preferred_element_type=jnp.float32)
+  dw = _grouped_wgrad(impl, xq, dyq, aligned, b)
   return dx.astype(x.dtype), dw.astype(w.dtype), None, None
 
 

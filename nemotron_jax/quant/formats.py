@@ -222,9 +222,14 @@ def quantize(x, fmt: str, *, axis: int = -1, two_d: bool = False, key=None, amax
 
 def quantize_dequantize(x, fmt: str, *, axis: int = -1, two_d: bool = False, key=None, amax=None):
   """x [...] -> x rounded through `fmt`, in x's dtype; arguments as in `quantize`."""
-  q = quantize(x, fmt, axis=axis, two_d=two_d, key=key, amax=amax)
-  # elements * block_scale is exact; the tensor scale rounds once.
-  return (q.elements * q.block_scale * q.tensor_scale).astype(x.dtype)
+  # The same products as quantize's parts multiplied, formed in block layout so that the
+  # scales are never broadcast to x's shape: elements * block_scale is exact; the tensor
+  # scale rounds once.
+  _, y, bs, ts = _encode(x, fmt, axis, two_d, amax)
+  xq = round_elements(y, FORMATS[fmt].element, key) * bs * ts
+  if FORMATS[fmt].block is not None:
+    xq = _from_blocks(xq, x.shape, axis, two_d)
+  return xq.astype(x.dtype)
 
 
 def quant_stats(x, fmt: str, *, axis: int = -1, two_d: bool = False, amax=None) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nemotron_jax.layers import moe as moe_lib
 from nemotron_jax.quant import dot as qdot_lib
 from nemotron_jax.quant.formats import quant_stats
 
@@ -116,6 +117,8 @@ def expert_gmm(m, layer: int | None):
   if recipe is None or not m.precision.quantize_experts:
     return None
   p = m.precision
+  # The grouped products run as the unquantised MoE's do (moe.impl; "dense" has no groups).
+  impl = "blocked" if moe_lib.resolve_impl(m.moe.impl) == "blocked" else "ragged"
 
   def make(module, h, up, down):
     key = _key(module)
@@ -128,7 +131,8 @@ def expert_gmm(m, layer: int | None):
 
     def gmm(x, w, group_sizes, name):
       k = None if key is None else jax.random.fold_in(key, {"up": 0, "down": 1}[name])
-      return qdot_lib.qragged_dot(x, w, group_sizes, recipe, key=k, **_options(p, recipe, k))
+      return qdot_lib.qragged_dot(x, w, group_sizes, recipe, key=k, impl=impl,
+                                  **_options(p, recipe, k))
 
     return gmm
 
