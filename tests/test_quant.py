@@ -392,9 +392,10 @@ def test_bad_arguments_name_the_field():
     quant.qdot(x, x, "nvfp4", stochastic_rounding=True)
 
 
-@pytest.mark.parametrize("gather_blocks", [None, 3])
-def test_blocked_wgrad_equals_ragged_dot_general(gather_blocks, monkeypatch):
-  """The blocked weight gradient sums each group's rows, in one pass or chunks of blocks."""
+@pytest.mark.parametrize("gather_blocks,wgrad_rows", [(None, 128), (3, 16), (2, 32)])
+def test_blocked_wgrad_equals_ragged_dot_general(gather_blocks, wgrad_rows, monkeypatch):
+  """The blocked weight gradient sums each group's rows: regrouped onto a coarser row grid
+  or not, in one pass or in chunks of blocks."""
   from nemotron_jax.layers import moe
   from nemotron_jax.quant import dot as qdot_lib
   b, k, n = 16, 32, 24
@@ -403,6 +404,7 @@ def test_blocked_wgrad_equals_ragged_dot_general(gather_blocks, monkeypatch):
   rng = np.random.default_rng(7)
   x, dy = (rng.standard_normal((m, d), np.float32) for d in (k, n))
   x[96:], dy[96:] = 0, 0
+  monkeypatch.setattr(qdot_lib, "WGRAD_ROWS", wgrad_rows)
   if gather_blocks:
     monkeypatch.setattr(moe, "GATHER_BYTES", gather_blocks * k * n * 4)
   blocked = qdot_lib._grouped_wgrad("blocked", jnp.asarray(x), jnp.asarray(dy), aligned, b)

@@ -239,6 +239,10 @@ def _grouped(impl, x, w, group_sizes):
                             preferred_element_type=jnp.float32)
 
 
+# Rows per block of the blocked weight gradient's batched products (at least b).
+WGRAD_ROWS = 128
+
+
 def _grouped_wgrad(impl, x, dy, aligned, b):
   """[g, k, n]: x [m, k]^T dy [m, n] over each group's rows, with every group starting at a
   multiple of b rows (`_align_groups`, rows past the groups zero)."""
@@ -249,9 +253,15 @@ def _grouped_wgrad(impl, x, dy, aligned, b):
       rhs_group_dimensions=[])
     return jax.lax.ragged_dot_general(x, dy, aligned, dims, precision="highest",
                                       preferred_element_type=jnp.float32)
-  # Blocks of b rows lie in one group each: their products, summed by group (the rows
+  # Rows move to groups that start on a grid of WGRAD_ROWS (a multiple of b), so that blocks
+  # of that many rows lie in one group each; their products are summed by group (rows
   # past the groups are block group g, dropped), a chunk of blocks at a time.
   from nemotron_jax.layers.moe import GATHER_BYTES
+  rows = b * -(-WGRAD_ROWS // b)
+  if rows != b:
+    dest, aligned, m = _align_groups(aligned, m, rows)
+    move = lambda v: jnp.zeros((m, v.shape[1]), v.dtype).at[dest].set(v, mode="drop")
+    x, dy, b = move(x), move(dy), rows
   blocks = m // b
   group = jnp.searchsorted(jnp.cumsum(aligned), jnp.arange(blocks) * b, side="right")
   chunk = max(1, min(blocks, GATHER_BYTES // (k * n * 4)))
