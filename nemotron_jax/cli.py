@@ -56,8 +56,8 @@ def run(main: Callable, *, define_flags: Callable | None = None,
         user_errors: tuple[type[BaseException], ...] = ()) -> None:
   """Runs `main` under absl after `define_flags()`, turning user errors into one-line exits.
 
-  On a CPU host the command first restarts itself with malloc on huge pages
-  (`hostmem.reexec_with_huge_pages`).
+  On Linux with glibc the command first restarts itself once with malloc on huge
+  pages (`hostmem.reexec_with_huge_pages`), which XLA:CPU steps need.
   """
   hostmem.reexec_with_huge_pages()
   argv = list(sys.argv)
